@@ -1,0 +1,27 @@
+"""lgvq_kernels: fused kernels for vector quantization and LG-VQ.
+
+Public ops live in :mod:`lgvq_kernels.functional` and are re-exported here. Each is a
+``torch.library`` custom op served by one of the backends "reference", "native" or "triton"
+(see :func:`available_backends`).
+"""
+
+from lgvq_kernels._backends import (
+    BACKENDS,
+    BackendInfo,
+    BackendUnavailableError,
+    available_backends,
+    resolve_backend,
+)
+from lgvq_kernels.functional import NearestCode, nearest_code
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "NearestCode",
+    "available_backends",
+    "nearest_code",
+    "resolve_backend",
+]

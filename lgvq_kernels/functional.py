@@ -1,0 +1,137 @@
+"""Public ops of lgvq_kernels. Every argument's shape and dtype is given here; the functions
+validate their inputs (errors name the argument), lay them out once, resolve the backend and
+call the registered ``torch.ops.lgvq`` op. Modules call these and never a kernel directly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lgvq_kernels import _library  # noqa: F401  (registers torch.ops.lgvq.*)
+from lgvq_kernels._backends import resolve_backend
+from lgvq_kernels.reference import METRICS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PRECISIONS = ("ieee", "tf32")
+
+
+class NearestCode(NamedTuple):
+    indices: Tensor  # int64 [...], in [0, K)
+    distances: Tensor  # float32 [...] (float64 for float64 inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers: messages name the argument, the expectation and what was received
+# --------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, value, *, dims: int | None = None, min_dims: int | None = None,
+                 dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {value.dtype}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(value.shape)}")
+    if min_dims is not None and value.dim() < min_dims:
+        raise ValueError(f"{name} must have at least {min_dims} dimension(s), "
+                         f"got shape {tuple(value.shape)}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, value in items[1:]:
+        if value.device != first.device:
+            raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def check_all_finite(name: str, value: Tensor) -> None:
+    """Raise if ``value`` holds NaN or Inf (one host synchronisation)."""
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf); "
+                         "pass check_finite=False to skip this check")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device) -> str:
+    return resolve_backend(backend, device)
+
+
+# --------------------------------------------------------------------------------------------
+# nearest code
+# --------------------------------------------------------------------------------------------
+
+
+def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
+                 codebook_sqnorm: Tensor | None = None, precision: str = "ieee",
+                 backend: str = "auto", check_finite: bool = False) -> NearestCode:
+    """Nearest codebook entry of every vector, without forming the N x K distance matrix.
+
+    Args:
+      x: ``[..., D]`` float32/float16/bfloat16/float64, any strides.
+      codebook: ``[K, D]`` floating, K >= 1, on x's device. A dtype different from x's is
+        promoted with x's to their common dtype.
+      metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity; rows
+        are normalised in float32 first; a zero row has similarity 0 with every code).
+      codebook_sqnorm: optional ``[K]`` precomputed ``(codebook ** 2).sum(-1)`` (l2 only).
+      precision: ``"ieee"`` exact float32 products (default) or ``"tf32"`` (CUDA only; faster,
+        ~1e-3 relative error in the cross term).
+      backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
+      check_finite: raise ``ValueError`` if x or codebook holds NaN/Inf (one host sync).
+
+    Returns:
+      ``NearestCode(indices, distances)``: indices int64 ``[...]`` in ``[0, K)``, ties to the
+      lowest index; distances ``[...]`` float32 (float64 for float64 inputs), accumulated in
+      float32 whatever the input dtype. Non-finite scores are never chosen unless a whole row is
+      non-finite, where index 0 is returned. Differentiable in ``distances`` (w.r.t. x, codebook
+      and codebook_sqnorm); under autocast the search runs in float32.
+    """
+    check_tensor("x", x, min_dims=1)
+    check_tensor("codebook", codebook, dims=2)
+    check_same_device(x=x, codebook=codebook, codebook_sqnorm=codebook_sqnorm)
+    check_choice("metric", metric, METRICS)
+    check_choice("precision", precision, PRECISIONS)
+    num_codes, dim = codebook.shape
+    if num_codes == 0:
+        raise ValueError("codebook must hold at least one code (K >= 1), got shape "
+                         f"{tuple(codebook.shape)}")
+    if dim == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but codebook has D={dim}; "
+                         f"x must be [..., {dim}] with D >= 1")
+    if codebook_sqnorm is not None:
+        if metric != "l2":
+            raise ValueError("codebook_sqnorm applies to metric='l2' only")
+        check_tensor("codebook_sqnorm", codebook_sqnorm, dims=1)
+        if codebook_sqnorm.shape[0] != num_codes:
+            raise ValueError(f"codebook_sqnorm must have shape [{num_codes}], got "
+                             f"{tuple(codebook_sqnorm.shape)}")
+    if check_finite:
+        check_all_finite("x", x)
+        check_all_finite("codebook", codebook)
+    resolved = _resolve(backend, x.device)
+
+    lead_shape = x.shape[:-1]
+    dtype = torch.promote_types(x.dtype, codebook.dtype)
+    flat = x.reshape(-1, dim).to(dtype).contiguous()
+    codes = codebook.to(dtype).contiguous()
+    if metric == "cosine":
+        flat = F.normalize(flat.float(), dim=-1).to(dtype)
+        codes = F.normalize(codes.float(), dim=-1).to(dtype)
+    if codebook_sqnorm is not None:
+        codebook_sqnorm = codebook_sqnorm.contiguous()
+    indices, distances = torch.ops.lgvq.nearest_code(flat, codes, codebook_sqnorm, metric,
+                                                     precision, resolved)
+    return NearestCode(indices.reshape(lead_shape), distances.reshape(lead_shape))
