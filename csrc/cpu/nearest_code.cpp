@@ -1,0 +1,169 @@
+// Nearest-code search on CPU: argmin_k (a[k] + m * x.c_k) without an N x K matrix.
+//
+//   l2:     a[k] = |c_k|^2, m = -2, distance = max(|x|^2 + best, 0)
+//   cosine: a[k] = 0,       m = -1, distance = 1 + best          (rows arrive unit-normalised)
+//
+// Two paths, both parallel over blocks of rows (at::parallel_for) and streaming the codebook:
+//  * gemm tiles (D > kDirectMaxDim): per row block, codebook tiles of kTileCodes codes; the cross
+//    term of a tile comes from a single-threaded BLAS GEMM into a per-thread scratch tile that
+//    stays in L2, followed by a lane-parallel running argmin. Measured on the 2-core EPYC: tiles
+//    of 256 rows x 1024 codes run the GEMM at ~67 GFLOP/s per core vs ~34 for 64 x 16384.
+//  * direct (small D): the cross term is too thin for BLAS (the GEMM is bound by writing its
+//    output); a register-blocked micro-kernel over a transposed codebook [D][K] computes
+//    kRowGroup rows x kLanes codes per step and folds them into the running argmin at once.
+//
+// Ties go to the lowest index: codes are visited in ascending order, lanes compare strictly and
+// the final lane merge prefers the lower index. Non-finite scores are never chosen (NaN < v and
+// inf < inf are false); a row whose scores are all non-finite keeps index 0 and reports the
+// distance of code 0.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace lgvq {
+namespace {
+
+constexpr int64_t kLanes = 8;            // one AVX2 register of float32
+constexpr int64_t kRowGroup = 4;         // rows per micro-kernel step (registers: 3 x 4 vectors)
+constexpr int64_t kDirectMaxDim = 32;    // D at or below this uses the direct micro-kernel
+constexpr int64_t kBlockRows = 256;      // rows per GEMM-path task
+constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 B = 1 MiB scratch)
+constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
+
+#define CHECK_INPUT(cond, ...) TORCH_CHECK_VALUE(cond, "lgvq_C::nearest_code: ", __VA_ARGS__)
+
+#define LGVQ_ISA avx2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "nearest_code_kernels.h"
+
+namespace avx2 {
+// float32 specialisation of the micro-kernel with intrinsics: GCC does not keep the generic
+// version's accumulators in registers for a run-time D (measured 5 GFLOP/s at D=8).
+template <>
+inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const float* codes_t,
+                                    const float* a_padded, float m, int64_t k_padded,
+                                    Best<float>* best) {
+  static_assert(kRowGroup == 4 && kLanes == 8, "the AVX2 micro-kernel is written for 4 x 8");
+  __m256 best_value[4], acc[4];
+  __m256i best_index[4];
+  for (int r = 0; r < 4; ++r) {
+    best_value[r] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    best_index[r] = _mm256_setzero_si256();
+  }
+  const __m256 mv = _mm256_set1_ps(m);
+  const __m256i step = _mm256_set1_epi32(kLanes);
+  __m256i code_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = 0; j < k_padded; j += kLanes) {
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m256 c = _mm256_loadu_ps(codes_t + d * k_padded + j);
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(rows_ptr + r * dim + d), c, acc[r]);
+    }
+    const __m256 av = _mm256_loadu_ps(a_padded + j);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 v = _mm256_fmadd_ps(mv, acc[r], av);
+      const __m256 better = _mm256_cmp_ps(v, best_value[r], _CMP_LT_OQ);  // false for NaN
+      best_value[r] = _mm256_blendv_ps(best_value[r], v, better);
+      best_index[r] = _mm256_blendv_epi8(best_index[r], code_index, _mm256_castps_si256(better));
+    }
+    code_index = _mm256_add_epi32(code_index, step);
+  }
+  alignas(32) float lane_value[8];
+  alignas(32) int32_t lane_index[8];
+  for (int r = 0; r < 4; ++r) {
+    _mm256_store_ps(lane_value, best_value[r]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_index), best_index[r]);
+    Best<float> b;
+    for (int l = 0; l < 8; ++l)
+      if (lane_value[l] < std::numeric_limits<float>::infinity()) b.merge(lane_value[l], lane_index[l]);
+    best[r] = b;
+  }
+}
+}  // namespace avx2
+
+#pragma GCC pop_options
+#undef LGVQ_ISA
+
+#define LGVQ_ISA baseline
+#include "nearest_code_kernels.h"
+#undef LGVQ_ISA
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
+                                                    const std::optional<at::Tensor>& codebook_sqnorm,
+                                                    bool cosine) {
+  CHECK_INPUT(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  CHECK_INPUT(codebook.device().is_cpu(), "codebook must be a CPU tensor, got ", codebook.device());
+  CHECK_INPUT(x.dim() == 2, "x must be [N, D], got shape ", x.sizes());
+  CHECK_INPUT(codebook.dim() == 2, "codebook must be [K, D], got shape ", codebook.sizes());
+  CHECK_INPUT(codebook.size(0) >= 1, "codebook must hold at least one code, got shape ",
+              codebook.sizes());
+  CHECK_INPUT(codebook.size(1) >= 1 && x.size(1) == codebook.size(1),
+              "x is [N, ", x.size(1), "] but codebook is [K, ", codebook.size(1), "]");
+  CHECK_INPUT(x.scalar_type() == codebook.scalar_type(), "x (", x.scalar_type(),
+              ") and codebook (", codebook.scalar_type(), ") must have the same dtype");
+  const auto dtype = x.scalar_type();
+  CHECK_INPUT(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "x must be float32, float64, float16 or bfloat16, got ", dtype);
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = x.size(0), k = codebook.size(0), dim = x.size(1);
+
+  // Low precision is widened once here: O(N*D + K*D), never N*K.
+  const at::Tensor xc = x.to(compute).contiguous();
+  const at::Tensor cc = codebook.to(compute).contiguous();
+  at::Tensor a;
+  if (cosine) {
+    a = at::zeros({k}, cc.options());
+  } else if (codebook_sqnorm.has_value() && codebook_sqnorm->defined()) {
+    const at::Tensor& s = *codebook_sqnorm;
+    CHECK_INPUT(s.device().is_cpu(), "codebook_sqnorm must be a CPU tensor, got ", s.device());
+    CHECK_INPUT(s.dim() == 1 && s.size(0) == k, "codebook_sqnorm must be [", k, "], got shape ",
+                s.sizes());
+    a = s.to(compute).contiguous();
+  } else {
+    a = (cc * cc).sum(1);
+  }
+  at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, x.options().dtype(compute));
+  if (n == 0) return {indices, distances};
+
+  AT_DISPATCH_FLOATING_TYPES(compute, "lgvq_nearest_code_cpu", [&] {
+    const scalar_t m = cosine ? scalar_t(-1) : scalar_t(-2);
+    const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+    int64_t* index_ptr = indices.data_ptr<int64_t>();
+    scalar_t* distance_ptr = distances.data_ptr<scalar_t>();
+    const bool avx2 = cpu_has_avx2_fma();
+    if (dim <= kDirectMaxDim) {
+      (avx2 ? avx2::nearest_code_direct<scalar_t> : baseline::nearest_code_direct<scalar_t>)(
+          xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
+    } else {
+      (avx2 ? avx2::nearest_code_gemm<scalar_t> : baseline::nearest_code_gemm<scalar_t>)(
+          xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
+    }
+  });
+  return {indices, distances};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lgvq_C, CPU, m) { m.impl("nearest_code", &nearest_code_cpu); }
+
+}  // namespace lgvq

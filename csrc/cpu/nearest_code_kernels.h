@@ -1,0 +1,204 @@
+// Kernel bodies of csrc/cpu/nearest_code.cpp. Included twice there: once compiled for AVX2+FMA
+// and once for the baseline ISA, inside namespaces named by LGVQ_ISA; the entry point picks one
+// at run time. No include guard on purpose.
+
+namespace LGVQ_ISA {
+
+// Running (value, index) minimum with ties to the lower index.
+template <typename T>
+struct Best {
+  T value = std::numeric_limits<T>::infinity();
+  int64_t index = 0;
+  inline void merge(T v, int64_t i) {
+    if (v < value || (v == value && i < index)) {
+      value = v;
+      index = i;
+    }
+  }
+};
+
+// Folds scores a[j] + m * dots[j], j in [0, count), of codes first_code + j into `best`.
+template <typename T>
+inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t first_code,
+                        Best<T>& best) {
+  T lane_value[kLanes];
+  int32_t lane_index[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lane_value[l] = std::numeric_limits<T>::infinity();
+    lane_index[l] = 0;
+  }
+  const int64_t full = count - count % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T v = a[j + l] + m * dots[j + l];
+      const bool better = v < lane_value[l];
+      lane_value[l] = better ? v : lane_value[l];
+      lane_index[l] = better ? static_cast<int32_t>(j + l) : lane_index[l];
+    }
+  }
+  Best<T> tile;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    if (lane_value[l] < std::numeric_limits<T>::infinity()) tile.merge(lane_value[l], lane_index[l]);
+  }
+  for (int64_t j = full; j < count; ++j) {
+    const T v = a[j] + m * dots[j];
+    if (v < tile.value) {  // tail indices are larger than every lane index: strict is enough
+      tile.value = v;
+      tile.index = j;
+    }
+  }
+  if (tile.value < best.value) {  // earlier tiles hold lower indices: they win ties
+    best.value = tile.value;
+    best.index = first_code + tile.index;
+  }
+}
+
+template <typename T>
+inline T dot(const T* u, const T* v, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += u[i] * v[i];
+  return s;
+}
+
+// Writes the final distance of each row given its best score.
+template <typename T>
+inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t dim, bool cosine,
+                       const Best<T>& best, int64_t* index_out, T* distance_out) {
+  T score = best.value;
+  if (!(score < std::numeric_limits<T>::infinity())) {  // every score non-finite: code 0
+    score = a[0] + m * dot(xrow, codes, dim);
+  }
+  *index_out = best.index;
+  if (cosine) {
+    *distance_out = T(1) + score;
+  } else {
+    const T d = dot(xrow, xrow, dim) + score;
+    *distance_out = d > T(0) ? d : (d == d ? T(0) : d);  // clamp at 0, keep NaN
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM-tile path
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a, T m, bool cosine,
+                       int64_t* indices, T* distances) {
+  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
+  const T* x_ptr = x.data_ptr<T>();
+  const T* codes_ptr = codes.data_ptr<T>();
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(kBlockRows * std::min(k, kTileCodes));
+    std::vector<Best<T>> best(kBlockRows);
+    const auto options = x.options();
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row0 = block * kBlockRows;
+      const int64_t rows = std::min(kBlockRows, n - row0);
+      std::fill(best.begin(), best.end(), Best<T>{});
+      const at::Tensor x_block = x.narrow(0, row0, rows);
+      for (int64_t code0 = 0; code0 < k; code0 += kTileCodes) {
+        const int64_t tile = std::min(kTileCodes, k - code0);
+        at::Tensor out = at::from_blob(scratch.data(), {rows, tile}, options);
+        at::mm_out(out, x_block, codes.narrow(0, code0, tile).t());
+        for (int64_t r = 0; r < rows; ++r) {
+          scan_scores<T>(scratch.data() + r * tile, a + code0, m, tile, code0, best[r]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = row0 + r;
+        finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, cosine, best[r], indices + row,
+                      distances + row);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct micro-kernel path (small D)
+// ---------------------------------------------------------------------------------------------
+
+// kRowGroup rows against all codes; codes_t is [dim][k_padded] with k_padded % kLanes == 0 and
+// padded columns scored +inf through a_padded.
+template <typename T>
+inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, const T* a_padded,
+                             T m, int64_t k_padded, Best<T>* best) {
+  T lane_value[kRowGroup][kLanes];
+  int32_t lane_index[kRowGroup][kLanes];
+  for (int64_t r = 0; r < kRowGroup; ++r)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lane_value[r][l] = std::numeric_limits<T>::infinity();
+      lane_index[r][l] = 0;
+    }
+  for (int64_t j = 0; j < k_padded; j += kLanes) {
+    T acc[kRowGroup][kLanes] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const T* c = codes_t + d * k_padded + j;
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRowGroup; ++r) {
+        const T xv = rows_ptr[r * dim + d];
+#pragma GCC unroll 8
+        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += xv * c[l];
+      }
+    }
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < kRowGroup; ++r) {
+#pragma GCC unroll 8
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T v = a_padded[j + l] + m * acc[r][l];
+        const bool better = v < lane_value[r][l];
+        lane_value[r][l] = better ? v : lane_value[r][l];
+        lane_index[r][l] = better ? static_cast<int32_t>(j + l) : lane_index[r][l];
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRowGroup; ++r) {
+    Best<T> b;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (lane_value[r][l] < std::numeric_limits<T>::infinity()) b.merge(lane_value[r][l], lane_index[r][l]);
+    }
+    best[r] = b;
+  }
+}
+
+template <typename T>
+void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
+                         bool cosine, int64_t* indices, T* distances) {
+  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
+  const int64_t k_padded = (k + kLanes - 1) / kLanes * kLanes;
+  // Transposed, lane-padded codebook and scores offsets: O(K * D), built once per call.
+  std::vector<T> codes_t(dim * k_padded, T(0));
+  std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
+  const T* codes_ptr = codes.data_ptr<T>();
+  for (int64_t c = 0; c < k; ++c) {
+    for (int64_t d = 0; d < dim; ++d) codes_t[d * k_padded + c] = codes_ptr[c * dim + d];
+    a_padded[c] = a[c];
+  }
+  const T* x_ptr = x.data_ptr<T>();
+  const int64_t blocks = (n + kDirectBlockRows - 1) / kDirectBlockRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded_rows(kRowGroup * dim, T(0));
+    Best<T> best[kRowGroup];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row_end = std::min(n, (block + 1) * kDirectBlockRows);
+      for (int64_t row0 = block * kDirectBlockRows; row0 < row_end; row0 += kRowGroup) {
+        const int64_t rows = std::min(kRowGroup, row_end - row0);
+        const T* rows_ptr = x_ptr + row0 * dim;
+        if (rows < kRowGroup) {  // pad the last group with copies of its first row
+          for (int64_t r = 0; r < kRowGroup; ++r)
+            std::copy_n(x_ptr + (row0 + std::min(r, rows - 1)) * dim, dim,
+                        padded_rows.data() + r * dim);
+          rows_ptr = padded_rows.data();
+        }
+        direct_row_group<T>(rows_ptr, dim, codes_t.data(), a_padded.data(), m, k_padded, best);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = row0 + r;
+          finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, cosine, best[r], indices + row,
+                        distances + row);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace LGVQ_ISA
