@@ -10,4 +10,26 @@ TORCH_LIBRARY(lgvq_C, m) {
   // argmin with ties to the lowest index; non-finite scores never win unless all do (index 0).
   m.def("nearest_code(Tensor x, Tensor codebook, Tensor? codebook_sqnorm, bool cosine)"
         " -> (Tensor indices, Tensor distances)");
+
+  // Straight-through quantizer (see lgvq_kernels/reference.py for the exact formulas).
+  // x [N, D] and codebook [K, D] contiguous, same dtype; indices [N] int64 in [0, K);
+  // mask [N] bool or None. Returns quantized [N, D] (x dtype) = codebook[indices] and the
+  // scalar squared_error = sum_valid |x - e|^2 / max(valid * D, 1) (float32; float64 for float64).
+  m.def("quantize_straight_through(Tensor x, Tensor codebook, Tensor indices, Tensor? mask)"
+        " -> (Tensor quantized, Tensor squared_error)");
+  // grad_x = grad_quantized + g_commit * 2 (x - e) / (valid D); grad_codebook[k] = segment sum
+  // over valid rows with indices == k of g_codebook * 2 (e - x) / (valid D), summed in a fixed
+  // order (deterministic). g_commit / g_codebook are 0-d tensors.
+  m.def("quantize_straight_through_backward(Tensor? grad_quantized, Tensor grad_commitment,"
+        " Tensor grad_codebook_loss, Tensor x, Tensor codebook, Tensor indices, Tensor? mask)"
+        " -> (Tensor grad_x, Tensor grad_codebook)");
+  // Packed per-code statistics [num_codes, D + 1] float32 (float64 for float64 x): column-block
+  // [:, :D] sums of assigned rows, [:, D] counts. Deterministic (rows ascending per code).
+  m.def("codebook_statistics(Tensor x, Tensor indices, int num_codes, Tensor? mask) -> Tensor");
+  // In-place EMA update from packed stats: cluster_size [K], embed_sum [K, D] (float32/64 state),
+  // codebook [K, D] overwritten; dead-code replacement when dead_threshold > 0 and replacement
+  // [K, D] is given. Returns the dead mask [K] bool. No host synchronisation.
+  m.def("codebook_ema_update_(Tensor stats, Tensor(a!) cluster_size, Tensor(b!) embed_sum,"
+        " Tensor(c!) codebook, float decay, float eps, float dead_threshold, Tensor? replacement)"
+        " -> Tensor");
 }

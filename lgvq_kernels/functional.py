@@ -85,7 +85,7 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
       codebook: ``[K, D]`` floating, K >= 1, on x's device. A dtype different from x's is
         promoted with x's to their common dtype.
       metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity; rows
-        are normalised in float32 first; a zero row has similarity 0 with every code).
+        are normalised in float32 (float64 for float64) first; a zero row has similarity 0 with every code).
       codebook_sqnorm: optional ``[K]`` precomputed ``(codebook ** 2).sum(-1)`` (l2 only).
       precision: ``"ieee"`` exact float32 products (default) or ``"tf32"`` (CUDA only; faster,
         ~1e-3 relative error in the cross term).
@@ -127,9 +127,11 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     dtype = torch.promote_types(x.dtype, codebook.dtype)
     flat = x.reshape(-1, dim).to(dtype).contiguous()
     codes = codebook.to(dtype).contiguous()
-    if metric == "cosine":
-        flat = F.normalize(flat.float(), dim=-1).to(dtype)
-        codes = F.normalize(codes.float(), dim=-1).to(dtype)
+    if metric == "cosine":  # unit rows in float32 (at least): rounding them back to fp16/bf16
+        # would cost ~2^-11 relative error in every similarity
+        work = torch.promote_types(dtype, torch.float32)
+        flat = F.normalize(flat.to(work), dim=-1)
+        codes = F.normalize(codes.to(work), dim=-1)
     if codebook_sqnorm is not None:
         codebook_sqnorm = codebook_sqnorm.contiguous()
     indices, distances = torch.ops.lgvq.nearest_code(flat, codes, codebook_sqnorm, metric,

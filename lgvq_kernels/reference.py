@@ -38,7 +38,7 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
         else:
             scores = torch.mm(xf, cf.t()).neg_()
     finite = torch.where(torch.isfinite(scores), scores, torch.inf)
-    indices = finite.argmin(dim=1)
+    indices = lowest_duplicate(cf)[finite.argmin(dim=1)]
     best = scores.gather(1, indices[:, None]).squeeze(1)
     if metric == "l2":
         distances = ((xf * xf).sum(1) + best).clamp_min(0.0)
@@ -47,14 +47,33 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     return indices, distances
 
 
+def lowest_duplicate(codebook: Tensor) -> Tensor:
+    """[K] int64: for each code, the lowest index of a code with identical values.
+
+    A blocked GEMM may round the same dot product differently in different output columns
+    (edge micro-kernels), so exact duplicate codes need not score equal; mapping every choice to
+    its lowest duplicate restores "ties go to the lowest index" for them.
+    """
+    num_codes = codebook.shape[0]
+    _, group = torch.unique(codebook, dim=0, return_inverse=True)
+    order = torch.arange(num_codes, device=codebook.device)
+    first = torch.full((int(group.max()) + 1,), num_codes, device=codebook.device)
+    first = first.scatter_reduce(0, group, order, reduce="amin")
+    return first[group]
+
+
 def nearest_code_oracle(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tensor:
-    """Exact float64 distance matrix [N, K] by direct differences (small shapes only: tests)."""
+    """Float64 distance matrix [N, K] of x [N, D] to codebook [K, D] (tests: small shapes).
+
+    In float64 the expanded form |x|^2 - 2 x.c + |c|^2 is accurate to ~1e-15 relative to
+    |x|^2 + |c|^2, far below the float32 error bounds the kernels are held to.
+    """
     xd, cd = x.double(), codebook.double()
     if metric == "cosine":
         xd = torch.nn.functional.normalize(xd, dim=-1)
         cd = torch.nn.functional.normalize(cd, dim=-1)
         return 1.0 - xd @ cd.t()
-    return ((xd[:, None, :] - cd[None, :, :]) ** 2).sum(-1)
+    return ((xd * xd).sum(1, keepdim=True) - 2.0 * xd @ cd.t() + (cd * cd).sum(1)).clamp_min(0.0)
 
 
 class _matmul_precision:
@@ -72,3 +91,122 @@ class _matmul_precision:
     def __exit__(self, *exc):
         if self.enabled:
             torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize with straight-through
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor,
+                              mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Forward of the fused straight-through quantizer.
+
+    x [N, D], codebook [K, D] (same dtype), indices [N] int64 in [0, K), mask [N] bool or None.
+    Returns (quantized [N, D] in x's dtype: codebook[indices], its value; the straight-through
+    gradient rule lives in the backward), squared_error (scalar, float32 or float64):
+    sum over valid rows and D of (x - codebook[indices])^2 divided by (valid rows * D) (0 when no
+    row is valid). The commitment loss and the codebook loss both have this value; they differ
+    only in which input receives their gradient (see quantize_straight_through_backward).
+    """
+    dtype = compute_dtype(x.dtype)
+    quantized = codebook.index_select(0, indices).to(x.dtype)
+    diff = x.to(dtype) - codebook.to(dtype).index_select(0, indices)
+    squared = (diff * diff).sum(1)
+    if mask is not None:
+        squared = squared * mask.to(dtype)
+        valid = mask.sum()
+    else:
+        valid = torch.tensor(x.shape[0], device=x.device)
+    denominator = (valid * x.shape[1]).clamp_min(1).to(dtype)
+    return quantized, squared.sum() / denominator
+
+
+def quantize_straight_through_backward(grad_quantized: Tensor | None, grad_commitment: Tensor,
+                                       grad_codebook_loss: Tensor, x: Tensor, codebook: Tensor,
+                                       indices: Tensor, mask: Tensor | None
+                                       ) -> tuple[Tensor, Tensor]:
+    """Backward: (grad_x [N, D] x.dtype, grad_codebook [K, D] codebook.dtype).
+
+    grad_x = grad_quantized (straight through) + grad_commitment * 2 (x - e) / (valid * D)
+    grad_codebook[k] = sum over valid rows i with indices[i] == k of
+                       grad_codebook_loss * 2 (e - x_i) / (valid * D)
+    The segment sum runs in a fixed order (rows ascending within each code): same bits every
+    run. grad_commitment / grad_codebook_loss are scalar tensors (0-d).
+    """
+    dtype = compute_dtype(x.dtype)
+    num_codes, dim = codebook.shape
+    diff = x.to(dtype) - codebook.to(dtype).index_select(0, indices)
+    if mask is not None:
+        diff = diff * mask.to(dtype)[:, None]
+        valid = mask.sum()
+    else:
+        valid = torch.tensor(x.shape[0], device=x.device)
+    scale = 2.0 / (valid * dim).clamp_min(1).to(dtype)
+    grad_x = diff * (grad_commitment.to(dtype) * scale)
+    if grad_quantized is not None:
+        grad_x = grad_x + grad_quantized.to(dtype)
+    per_row = diff * (-grad_codebook_loss.to(dtype) * scale)
+    grad_codebook = torch.zeros(num_codes, dim, dtype=dtype, device=x.device)
+    grad_codebook = grad_codebook.index_add(0, indices, per_row)
+    return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# codebook statistics and EMA update
+# ----------------------------------------------------------------------------------------------
+
+
+def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int,
+                        mask: Tensor | None) -> Tensor:
+    """Per-code counts and sums of assigned vectors, packed for one all-reduce.
+
+    x [N, D], indices [N] int64 in [0, num_codes), mask [N] bool or None.
+    Returns stats [num_codes, D + 1] float32 (float64 for float64 x): stats[:, :D] = sum of the
+    rows assigned to each code, stats[:, D] = their count. Deterministic: rows are summed in
+    ascending order within each code.
+    """
+    dtype = compute_dtype(x.dtype)
+    rows = torch.cat([x.to(dtype), torch.ones(x.shape[0], 1, dtype=dtype, device=x.device)], 1)
+    if mask is not None:
+        rows = rows * mask.to(dtype)[:, None]
+    stats = torch.zeros(num_codes, x.shape[1] + 1, dtype=dtype, device=x.device)
+    return stats.index_add(0, indices, rows)
+
+
+def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
+                         codebook: Tensor, decay: float, eps: float,
+                         dead_threshold: float, replacement: Tensor | None) -> Tensor:
+    """In-place EMA update of the codebook from packed statistics (see codebook_statistics).
+
+    stats [K, D+1]; cluster_size [K] and embed_sum [K, D] (EMA state, float32/float64, updated
+    in place); codebook [K, D] (any float dtype, overwritten). With n = stats[:, D]:
+        cluster_size = decay * cluster_size + (1 - decay) * n
+        embed_sum    = decay * embed_sum    + (1 - decay) * stats[:, :D]
+        smoothed     = (cluster_size + eps) / (total + K * eps) * total,  total = sum(cluster_size)
+        codebook     = embed_sum / smoothed          (codes with smoothed == 0 keep their value)
+    Dead codes (cluster_size < dead_threshold after the update, when dead_threshold > 0 and
+    replacement is given): replacement [K, D] holds a candidate vector per code (drawn from the
+    batch by the caller); a dead code k gets codebook[k] = embed_sum[k] = replacement[k] and
+    cluster_size[k] = 1, so that its stale EMA state cannot pull it back.
+    Returns the dead-code mask [K] bool (all False when no replacement). No host sync.
+    """
+    dim = codebook.shape[1]
+    state = cluster_size.dtype
+    counts, sums = stats[:, dim].to(state), stats[:, :dim].to(state)
+    cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+    num_codes = cluster_size.shape[0]
+    dead = torch.zeros(num_codes, dtype=torch.bool, device=codebook.device)
+    if replacement is not None and dead_threshold > 0:
+        dead = cluster_size < dead_threshold
+        fresh = replacement.to(state)
+        embed_sum.copy_(torch.where(dead[:, None], fresh, embed_sum))
+        cluster_size.copy_(torch.where(dead, torch.ones_like(cluster_size), cluster_size))
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + num_codes * eps) * total
+    # total == 0 (no vector ever counted) leaves the codebook as it is instead of 0/0
+    fresh_codebook = embed_sum / smoothed.clamp_min(torch.finfo(state).tiny)[:, None]
+    codebook.copy_(torch.where((smoothed > 0)[:, None], fresh_codebook.to(codebook.dtype),
+                               codebook))
+    return dead

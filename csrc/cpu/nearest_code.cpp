@@ -13,8 +13,8 @@
 //    kRowGroup rows x kLanes codes per step and folds them into the running argmin at once.
 //
 // Ties go to the lowest index: codes are visited in ascending order, lanes compare strictly and
-// the final lane merge prefers the lower index. Non-finite scores are never chosen (NaN < v and
-// inf < inf are false); a row whose scores are all non-finite keeps index 0 and reports the
+// the final lane merge prefers the lower index. Non-finite scores are never chosen (a score
+// must be < the running best and > -inf; NaN fails both); a row whose scores are all non-finite keeps index 0 and reports the
 // distance of code 0.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace lgvq {
@@ -60,6 +62,7 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
     best_index[r] = _mm256_setzero_si256();
   }
   const __m256 mv = _mm256_set1_ps(m);
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256i step = _mm256_set1_epi32(kLanes);
   __m256i code_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t j = 0; j < k_padded; j += kLanes) {
@@ -72,7 +75,9 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
     const __m256 av = _mm256_loadu_ps(a_padded + j);
     for (int r = 0; r < 4; ++r) {
       const __m256 v = _mm256_fmadd_ps(mv, acc[r], av);
-      const __m256 better = _mm256_cmp_ps(v, best_value[r], _CMP_LT_OQ);  // false for NaN
+      // finite and lower: +inf fails the first test, NaN both, -inf the second
+      const __m256 better = _mm256_and_ps(_mm256_cmp_ps(v, best_value[r], _CMP_LT_OQ),
+                                          _mm256_cmp_ps(v, minus_inf, _CMP_GT_OQ));
       best_value[r] = _mm256_blendv_ps(best_value[r], v, better);
       best_index[r] = _mm256_blendv_epi8(best_index[r], code_index, _mm256_castps_si256(better));
     }
@@ -97,6 +102,25 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
 #define LGVQ_ISA baseline
 #include "nearest_code_kernels.h"
 #undef LGVQ_ISA
+
+// For each code, the lowest index holding identical bytes; empty when all codes are distinct.
+// BLAS may round one dot product differently in different output columns (edge micro-kernels),
+// so exact duplicates need not score equal; remapping restores ties-to-lowest for them. O(K*D).
+template <typename T>
+std::vector<int64_t> lowest_duplicate(const T* codes, int64_t k, int64_t dim) {
+  std::unordered_map<std::string_view, int64_t> first;
+  first.reserve(static_cast<size_t>(k));
+  std::vector<int64_t> map(static_cast<size_t>(k));
+  bool any = false;
+  for (int64_t c = 0; c < k; ++c) {
+    const std::string_view bytes(reinterpret_cast<const char*>(codes + c * dim), sizeof(T) * dim);
+    const auto [it, inserted] = first.emplace(bytes, c);
+    map[c] = it->second;
+    any |= !inserted;
+  }
+  if (!any) map.clear();
+  return map;
+}
 
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -157,6 +181,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
     } else {
       (avx2 ? avx2::nearest_code_gemm<scalar_t> : baseline::nearest_code_gemm<scalar_t>)(
           xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
+    }
+    const std::vector<int64_t> canonical = lowest_duplicate(cc.data_ptr<scalar_t>(), k, dim);
+    if (!canonical.empty()) {
+      for (int64_t i = 0; i < n; ++i) index_ptr[i] = canonical[index_ptr[i]];
     }
   });
   return {indices, distances};

