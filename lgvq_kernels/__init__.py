@@ -12,7 +12,14 @@ from lgvq_kernels._backends import (
     available_backends,
     resolve_backend,
 )
-from lgvq_kernels.functional import NearestCode, nearest_code
+from lgvq_kernels.functional import (
+    NearestCode,
+    Quantized,
+    codebook_ema_update_,
+    codebook_statistics,
+    nearest_code,
+    quantize_straight_through,
+)
 
 __version__ = "0.1.0"
 
@@ -21,7 +28,11 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
     "NearestCode",
+    "Quantized",
+    "codebook_ema_update_",
+    "codebook_statistics",
     "available_backends",
     "nearest_code",
+    "quantize_straight_through",
     "resolve_backend",
 ]

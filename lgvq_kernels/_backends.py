@@ -13,6 +13,7 @@ An explicitly requested backend that is unusable raises ``BackendUnavailableErro
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 from typing import NamedTuple
@@ -64,25 +65,43 @@ def _triton_import_error() -> str:
     return ""
 
 
-def _native_info(device_type: str) -> BackendInfo:
+def _native_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
     module, reason = _native_module()
     if module is None:
         return BackendInfo(False, reason)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return BackendInfo(False, f"no native kernels for device type {device_type!r}")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("lgvq_C::nearest_code", key):
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"lgvq_C::{op}", key)
+    except RuntimeError:  # the schema itself is missing: an extension built from older sources
+        return BackendInfo(False, f"the compiled extension has no op {op}; rebuild it with "
+                                  "`pip install --no-build-isolation -e .`")
+    if not has_kernel:
         if device_type == "cuda":
             return BackendInfo(False, "the extension was built without CUDA kernels "
                                       "(CPU-only torch or no nvcc at build time)")
-        return BackendInfo(False, f"the extension has no {key} kernels")
+        return BackendInfo(False, f"the extension has no {key} kernel for {op}")
     return BackendInfo(True, "")
 
 
-def _triton_info(device_type: str) -> BackendInfo:
+# The Triton module that implements each op (lgvq_kernels/triton/<module>.py).
+TRITON_MODULES = {
+    "nearest_code": "nearest_code",
+    "quantize_straight_through": "quantize",
+    "quantize_straight_through_backward": "quantize",
+    "codebook_statistics": "codebook_ema",
+    "codebook_ema_update_": "codebook_ema",
+}
+
+
+def _triton_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
     error = _triton_import_error()
     if error:
         return BackendInfo(False, error)
+    module = TRITON_MODULES.get(op)
+    if module is None or importlib.util.find_spec(f"lgvq_kernels.triton.{module}") is None:
+        return BackendInfo(False, f"no Triton kernel for {op}")
     if device_type == "cuda":
         return BackendInfo(True, "")
     if device_type == "cpu":
@@ -93,14 +112,15 @@ def _triton_info(device_type: str) -> BackendInfo:
     return BackendInfo(False, f"Triton does not serve device type {device_type!r}")
 
 
-def backend_info(backend: str, device: torch.device | str) -> BackendInfo:
+def backend_info(backend: str, device: torch.device | str, op: str = "nearest_code") -> BackendInfo:
+    """Whether ``backend`` can run ``op`` on ``device`` (and why not)."""
     device_type = torch.device(device).type
     if backend == "reference":
         return BackendInfo(True, "")
     if backend == "native":
-        return _native_info(device_type)
+        return _native_info(device_type, op)
     if backend == "triton":
-        return _triton_info(device_type)
+        return _triton_info(device_type, op)
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
@@ -109,8 +129,9 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, BackendI
     return {name: backend_info(name, device) for name in BACKENDS}
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Turn a user's backend choice ("auto" or a name) into a usable backend name or raise."""
+def resolve_backend(backend: str, device: torch.device | str, op: str = "nearest_code") -> str:
+    """Turn a user's backend choice ("auto" or a name) into a backend that can run ``op`` on
+    ``device``, or raise ``BackendUnavailableError`` saying why."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     device_type = torch.device(device).type
@@ -120,10 +141,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if name == "triton" and device_type != "cuda":
                 continue  # never the interpreter
-            if backend_info(name, device_type).available:
+            if backend_info(name, device_type, op).available:
                 return name
         return "reference"
-    info = backend_info(backend, device_type)
+    info = backend_info(backend, device_type, op)
     if not info.available:
         raise BackendUnavailableError(
             f"backend {backend!r} cannot serve {device_type} tensors: {info.reason}")

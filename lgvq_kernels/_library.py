@@ -21,21 +21,48 @@ from lgvq_kernels._backends import _native_module
 # --------------------------------------------------------------------------------------------
 
 
+def _native(op: str) -> Callable:
+    def call(*args):
+        _native_module()  # loads the extension (registers torch.ops.lgvq_C) on first use
+        return getattr(torch.ops.lgvq_C, op)(*args)
+
+    call.__name__ = f"native_{op}"
+    return call
+
+
+def _triton(module: str, function: str) -> Callable:
+    def call(*args):
+        from importlib import import_module
+
+        return getattr(import_module(f"lgvq_kernels.triton.{module}"), function)(*args)
+
+    call.__name__ = f"triton_{function}"
+    return call
+
+
 def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
-    _native_module()  # loads the extension (registers torch.ops.lgvq_C) on first use
-    return torch.ops.lgvq_C.nearest_code(x, codebook, codebook_sqnorm, metric == "cosine")
-
-
-def _triton_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
-    from lgvq_kernels.triton.nearest_code import nearest_code_forward
-
-    return nearest_code_forward(x, codebook, codebook_sqnorm, metric, precision)
+    return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
 
 
 _IMPLS: dict[tuple[str, str], Callable] = {
     ("nearest_code", "reference"): reference.nearest_code,
     ("nearest_code", "native"): _native_nearest_code,
-    ("nearest_code", "triton"): _triton_nearest_code,
+    ("nearest_code", "triton"): _triton("nearest_code", "nearest_code_forward"),
+    ("quantize_straight_through", "reference"): reference.quantize_straight_through,
+    ("quantize_straight_through", "native"): _native("quantize_straight_through"),
+    ("quantize_straight_through", "triton"): _triton("quantize", "quantize_straight_through_forward"),
+    ("quantize_straight_through_backward", "reference"):
+        reference.quantize_straight_through_backward,
+    ("quantize_straight_through_backward", "native"):
+        _native("quantize_straight_through_backward"),
+    ("quantize_straight_through_backward", "triton"):
+        _triton("quantize", "quantize_straight_through_backward"),
+    ("codebook_statistics", "reference"): reference.codebook_statistics,
+    ("codebook_statistics", "native"): _native("codebook_statistics"),
+    ("codebook_statistics", "triton"): _triton("codebook_ema", "codebook_statistics_forward"),
+    ("codebook_ema_update_", "reference"): reference.codebook_ema_update_,
+    ("codebook_ema_update_", "native"): _native("codebook_ema_update_"),
+    ("codebook_ema_update_", "triton"): _triton("codebook_ema", "codebook_ema_update_forward_"),
 }
 
 
@@ -110,3 +137,101 @@ nearest_code.register_autograd(_nearest_code_backward, setup_context=_nearest_co
 # (vector-quantize-pytorch#114). Call it outside autocast with fp16/bf16 tensors to opt in.
 for _device_type in ("cpu", "cuda"):
     torch.library.register_autocast("lgvq::nearest_code", _device_type, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# quantize with straight-through
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lgvq::quantize_straight_through", mutates_args=())
+def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor,
+                              mask: Optional[Tensor], backend: str
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, D], codebook [K, D], indices [N] int64, mask [N] bool or None → (quantized [N, D]
+    x.dtype, commitment_loss 0-d, codebook_loss 0-d). Both losses hold the same value (mean
+    squared error over valid rows); the commitment loss sends its gradient to x, the codebook
+    loss to the codebook, and quantized passes its gradient straight through to x."""
+    quantized, squared_error = impl("quantize_straight_through", backend)(x, codebook, indices,
+                                                                          mask)
+    return quantized, squared_error, squared_error.clone()
+
+
+@quantize_straight_through.register_fake
+def _(x, codebook, indices, mask, backend):
+    loss_dtype = reference.compute_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty((), dtype=loss_dtype),
+            x.new_empty((), dtype=loss_dtype))
+
+
+@torch.library.custom_op("lgvq::quantize_straight_through_backward", mutates_args=())
+def quantize_straight_through_backward(grad_quantized: Optional[Tensor], grad_commitment: Tensor,
+                                       grad_codebook_loss: Tensor, x: Tensor, codebook: Tensor,
+                                       indices: Tensor, mask: Optional[Tensor], backend: str
+                                       ) -> tuple[Tensor, Tensor]:
+    return impl("quantize_straight_through_backward", backend)(
+        grad_quantized, grad_commitment, grad_codebook_loss, x, codebook, indices, mask)
+
+
+@quantize_straight_through_backward.register_fake
+def _(grad_quantized, grad_commitment, grad_codebook_loss, x, codebook, indices, mask, backend):
+    return torch.empty_like(x), torch.empty_like(codebook)
+
+
+def _quantize_setup_context(ctx, inputs, output):
+    x, codebook, indices, mask, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, codebook, indices, mask)
+
+
+def _quantize_backward(ctx, grad_quantized, grad_commitment, grad_codebook_loss):
+    x, codebook, indices, mask = ctx.saved_tensors
+    loss_dtype = reference.compute_dtype(x.dtype)
+    zero = x.new_zeros((), dtype=loss_dtype)
+    grad_x, grad_codebook = torch.ops.lgvq.quantize_straight_through_backward(
+        None if grad_quantized is None else grad_quantized.contiguous(),
+        zero if grad_commitment is None else grad_commitment.to(loss_dtype),
+        zero if grad_codebook_loss is None else grad_codebook_loss.to(loss_dtype),
+        x, codebook, indices, mask, ctx.backend)
+    return grad_x, grad_codebook, None, None, None
+
+
+quantize_straight_through.register_autograd(_quantize_backward,
+                                            setup_context=_quantize_setup_context)
+
+# --------------------------------------------------------------------------------------------
+# codebook statistics and EMA update
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lgvq::codebook_statistics", mutates_args=())
+def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int, mask: Optional[Tensor],
+                        backend: str) -> Tensor:
+    """x [N, D], indices [N] int64 → packed stats [num_codes, D + 1]: sums, then counts."""
+    return impl("codebook_statistics", backend)(x, indices, num_codes, mask)
+
+
+@codebook_statistics.register_fake
+def _(x, indices, num_codes, mask, backend):
+    return x.new_empty((num_codes, x.shape[1] + 1), dtype=reference.compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("lgvq::codebook_ema_update_",
+                         mutates_args=("cluster_size", "embed_sum", "codebook"))
+def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor, codebook: Tensor,
+                         decay: float, eps: float, dead_threshold: float,
+                         replacement: Optional[Tensor], backend: str) -> Tensor:
+    """In-place EMA update (see reference.codebook_ema_update_); returns the dead mask [K]."""
+    return impl("codebook_ema_update_", backend)(stats, cluster_size, embed_sum, codebook, decay,
+                                                 eps, dead_threshold, replacement)
+
+
+@codebook_ema_update_.register_fake
+def _(stats, cluster_size, embed_sum, codebook, decay, eps, dead_threshold, replacement, backend):
+    return cluster_size.new_empty(cluster_size.shape, dtype=torch.bool)
+
+
+# Losses and EMA statistics accumulate in float32 whatever autocast asks for.
+for _device_type in ("cpu", "cuda"):
+    for _op in ("quantize_straight_through", "codebook_statistics"):
+        torch.library.register_autocast(f"lgvq::{_op}", _device_type, torch.float32)

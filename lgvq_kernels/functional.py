@@ -66,8 +66,12 @@ def check_choice(name: str, value, choices) -> None:
 
 
 @torch.compiler.assume_constant_result
+def _resolve_op(backend: str, device: torch.device, op: str) -> str:
+    return resolve_backend(backend, device, op)
+
+
 def _resolve(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
+    return _resolve_op(backend, device, "nearest_code")
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,3 +141,136 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     indices, distances = torch.ops.lgvq.nearest_code(flat, codes, codebook_sqnorm, metric,
                                                      precision, resolved)
     return NearestCode(indices.reshape(lead_shape), distances.reshape(lead_shape))
+
+
+# --------------------------------------------------------------------------------------------
+# quantize with straight-through
+# --------------------------------------------------------------------------------------------
+
+
+class Quantized(NamedTuple):
+    quantized: Tensor  # [..., D], x.dtype: the chosen codes, gradient straight through to x
+    commitment_loss: Tensor  # 0-d: mean |x - sg(e)|^2, gradient to x only
+    codebook_loss: Tensor  # 0-d: mean |sg(x) - e|^2, gradient to the codebook only
+
+
+def _check_indices(name: str, indices, shape, device) -> None:
+    check_tensor(name, indices, dtypes=(torch.int64,))
+    if tuple(indices.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(indices.shape)}")
+    if indices.device != device:
+        raise ValueError(f"{name} is on {indices.device} but x is on {device}")
+
+
+def _check_mask(mask, shape, device) -> None:
+    if mask is None:
+        return
+    check_tensor("mask", mask, dtypes=(torch.bool,))
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but x is on {device}")
+
+
+def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor, *,
+                              mask: Tensor | None = None, backend: str = "auto") -> Quantized:
+    """Gather the chosen codes, with the straight-through estimator and both VQ losses, fused.
+
+    Args:
+      x: ``[..., D]`` float32/float16/bfloat16/float64.
+      codebook: ``[K, D]`` same dtype as x (promoted otherwise).
+      indices: int64 ``x.shape[:-1]``, in ``[0, K)`` (e.g. from :func:`nearest_code`).
+      mask: optional bool ``x.shape[:-1]``: rows with False are ignored by both losses.
+      backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
+
+    Returns ``Quantized(quantized, commitment_loss, codebook_loss)``: ``quantized`` has the
+    value ``codebook[indices]`` and passes its gradient straight through to ``x``; both losses
+    are the mean over valid rows and D of ``(x - codebook[indices])^2`` (float32, 0 with no
+    valid row); the commitment loss sends gradient to ``x``, the codebook loss to ``codebook``
+    (a deterministic segment sum). Weight them as you like: ``beta * commitment + codebook``.
+    """
+    check_tensor("x", x, min_dims=1)
+    check_tensor("codebook", codebook, dims=2)
+    check_same_device(x=x, codebook=codebook)
+    if x.shape[-1] != codebook.shape[1] or codebook.shape[0] == 0:
+        raise ValueError(f"x must be [..., D] and codebook [K >= 1, D] with the same D, got "
+                         f"{tuple(x.shape)} and {tuple(codebook.shape)}")
+    _check_indices("indices", indices, x.shape[:-1], x.device)
+    _check_mask(mask, x.shape[:-1], x.device)
+    resolved = _resolve_op(backend, x.device, "quantize_straight_through")
+    dtype = torch.promote_types(x.dtype, codebook.dtype)
+    dim = codebook.shape[1]
+    flat = x.reshape(-1, dim).to(dtype).contiguous()
+    quantized, commitment, codebook_loss = torch.ops.lgvq.quantize_straight_through(
+        flat, codebook.to(dtype).contiguous(), indices.reshape(-1).contiguous(),
+        None if mask is None else mask.reshape(-1).contiguous(), resolved)
+    return Quantized(quantized.reshape(x.shape), commitment, codebook_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# codebook statistics and EMA update
+# --------------------------------------------------------------------------------------------
+
+
+def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int, *,
+                        mask: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Per-code sums and counts of the assigned vectors, packed for one all-reduce.
+
+    x ``[..., D]`` floating, indices int64 ``x.shape[:-1]`` in ``[0, num_codes)``, mask optional
+    bool ``x.shape[:-1]``. Returns float32 ``[num_codes, D + 1]`` (float64 for float64 x):
+    ``[:, :D]`` sums, ``[:, D]`` counts. Deterministic (no atomics): same bits every run.
+    """
+    check_tensor("x", x, min_dims=1)
+    if not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    _check_indices("indices", indices, x.shape[:-1], x.device)
+    _check_mask(mask, x.shape[:-1], x.device)
+    resolved = _resolve_op(backend, x.device, "codebook_statistics")
+    dim = x.shape[-1]
+    return torch.ops.lgvq.codebook_statistics(
+        x.reshape(-1, dim).contiguous(), indices.reshape(-1).contiguous(), num_codes,
+        None if mask is None else mask.reshape(-1).contiguous(), resolved)
+
+
+def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
+                         codebook: Tensor, *, decay: float, eps: float = 1e-5,
+                         dead_threshold: float = 0.0, replacement: Tensor | None = None,
+                         backend: str = "auto") -> Tensor:
+    """EMA codebook update in place, on device, without host synchronisation.
+
+    stats ``[K, D + 1]`` from :func:`codebook_statistics` (all-reduced under DDP);
+    cluster_size ``[K]`` and embed_sum ``[K, D]`` float32/float64 EMA state; codebook ``[K, D]``
+    (overwritten with embed_sum / Laplace-smoothed cluster_size); decay in [0, 1]; eps > 0.
+    Dead codes (cluster_size < dead_threshold) take the rows of ``replacement`` ``[K, D]`` when
+    given. Returns the dead-code mask ``[K]`` bool. See reference.codebook_ema_update_.
+    """
+    check_tensor("stats", stats, dims=2, dtypes=(torch.float32, torch.float64))
+    check_tensor("cluster_size", cluster_size, dims=1, dtypes=(torch.float32, torch.float64))
+    check_tensor("embed_sum", embed_sum, dims=2, dtypes=(cluster_size.dtype,))
+    check_tensor("codebook", codebook, dims=2)
+    check_same_device(codebook=codebook, stats=stats, cluster_size=cluster_size,
+                      embed_sum=embed_sum, replacement=replacement)
+    num_codes, dim = codebook.shape
+    if tuple(stats.shape) != (num_codes, dim + 1):
+        raise ValueError(f"stats must have shape {(num_codes, dim + 1)}, got {tuple(stats.shape)}")
+    if tuple(cluster_size.shape) != (num_codes,) or tuple(embed_sum.shape) != (num_codes, dim):
+        raise ValueError(f"cluster_size must be [{num_codes}] and embed_sum [{num_codes}, {dim}], "
+                         f"got {tuple(cluster_size.shape)} and {tuple(embed_sum.shape)}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if replacement is not None:
+        check_tensor("replacement", replacement, dims=2)
+        if tuple(replacement.shape) != (num_codes, dim):
+            raise ValueError(f"replacement must have shape {(num_codes, dim)}, got "
+                             f"{tuple(replacement.shape)}")
+        replacement = replacement.contiguous()
+    for name, tensor in (("cluster_size", cluster_size), ("embed_sum", embed_sum),
+                         ("codebook", codebook)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    resolved = _resolve_op(backend, codebook.device, "codebook_ema_update_")
+    return torch.ops.lgvq.codebook_ema_update_(stats.contiguous(), cluster_size, embed_sum,
+                                               codebook, float(decay), float(eps),
+                                               float(dead_threshold), replacement, resolved)
