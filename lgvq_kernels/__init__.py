@@ -19,6 +19,7 @@ from lgvq_kernels.functional import (
     codebook_statistics,
     nearest_code,
     quantize_straight_through,
+    relation_alignment_loss,
 )
 
 __version__ = "0.1.0"
@@ -34,5 +35,6 @@ __all__ = [
     "available_backends",
     "nearest_code",
     "quantize_straight_through",
+    "relation_alignment_loss",
     "resolve_backend",
 ]

@@ -92,6 +92,8 @@ TRITON_MODULES = {
     "quantize_straight_through_backward": "quantize",
     "codebook_statistics": "codebook_ema",
     "codebook_ema_update_": "codebook_ema",
+    "relation_alignment_loss": "relation",
+    "relation_alignment_loss_backward": "relation",
 }
 
 

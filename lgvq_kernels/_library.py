@@ -63,6 +63,8 @@ _IMPLS: dict[tuple[str, str], Callable] = {
     ("codebook_ema_update_", "reference"): reference.codebook_ema_update_,
     ("codebook_ema_update_", "native"): _native("codebook_ema_update_"),
     ("codebook_ema_update_", "triton"): _triton("codebook_ema", "codebook_ema_update_forward_"),
+    ("relation_alignment_loss", "reference"): reference.relation_alignment_loss,
+    ("relation_alignment_loss_backward", "reference"): reference.relation_alignment_loss_backward,
 }
 
 
@@ -235,3 +237,55 @@ def _(stats, cluster_size, embed_sum, codebook, decay, eps, dead_threshold, repl
 for _device_type in ("cpu", "cuda"):
     for _op in ("quantize_straight_through", "codebook_statistics"):
         torch.library.register_autocast(f"lgvq::{_op}", _device_type, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# relationship alignment (LG-VQ)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lgvq::relation_alignment_loss", mutates_args=())
+def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor, word_mask: Tensor,
+                            backend: str) -> tuple[Tensor, Tensor]:
+    """words [B, L, C], visual [B, M, C], codes [B, M, C], word_mask [B, L] bool →
+    (loss 0-d, chosen [B, L] int64). See reference.relation_alignment_loss."""
+    loss, chosen = impl("relation_alignment_loss", backend)(words, visual, codes, word_mask)
+    return loss, chosen
+
+
+@relation_alignment_loss.register_fake
+def _(words, visual, codes, word_mask, backend):
+    return (codes.new_empty((), dtype=reference.compute_dtype(codes.dtype)),
+            codes.new_empty(word_mask.shape, dtype=torch.int64))
+
+
+@torch.library.custom_op("lgvq::relation_alignment_loss_backward", mutates_args=())
+def relation_alignment_loss_backward(grad_loss: Tensor, words: Tensor, visual: Tensor,
+                                     codes: Tensor, word_mask: Tensor, backend: str) -> Tensor:
+    return impl("relation_alignment_loss_backward", backend)(grad_loss, words, visual, codes,
+                                                             word_mask)
+
+
+@relation_alignment_loss_backward.register_fake
+def _(grad_loss, words, visual, codes, word_mask, backend):
+    return torch.empty_like(codes)
+
+
+def _relation_setup_context(ctx, inputs, output):
+    words, visual, codes, word_mask, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(words, visual, codes, word_mask)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _relation_backward(ctx, grad_loss, grad_chosen):
+    words, visual, codes, word_mask = ctx.saved_tensors
+    grad_codes = torch.ops.lgvq.relation_alignment_loss_backward(
+        grad_loss, words, visual, codes, word_mask, ctx.backend)
+    return None, None, grad_codes, None, None
+
+
+relation_alignment_loss.register_autograd(_relation_backward,
+                                          setup_context=_relation_setup_context)
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("lgvq::relation_alignment_loss", _device_type, torch.float32)

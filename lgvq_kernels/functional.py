@@ -274,3 +274,54 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
     return torch.ops.lgvq.codebook_ema_update_(stats.contiguous(), cluster_size, embed_sum,
                                                codebook, float(decay), float(eps),
                                                float(dead_threshold), replacement, resolved)
+
+
+# --------------------------------------------------------------------------------------------
+# relationship alignment (LG-VQ)
+# --------------------------------------------------------------------------------------------
+
+
+class RelationAlignment(NamedTuple):
+    loss: Tensor  # 0-d float32: mean over B*L*L of (P - Q)^2
+    chosen: Tensor  # int64 [B, L]: the visual position each word aligned to
+
+
+def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor, word_mask: Tensor, *,
+                            backend: str = "auto") -> RelationAlignment:
+    """LG-VQ relationship-alignment loss, fused: per-word argmax over the image's visual tokens,
+    gather of the projected code there, both normalised Gram matrices, masked mean squared
+    difference.
+
+    Args:
+      words: ``[B, L, C]`` text-token features (the frozen encoder's T; normalised inside).
+      visual: ``[B, M, C]`` visual tokens (Zvt without CLS; normalised inside).
+      codes: ``[B, M, C]`` projected quantized codes g(zq_st), the only differentiable input.
+      word_mask: bool ``[B, L]``: real tokens (padding False).
+    With W = normalize(words), V = normalize(visual), for each word i: p_i = argmax_p W_i.V_p
+    (first maximum), s_i = W_i.V_{p_i}; c_i = m_i normalize(s_i codes[p_i]); w_i = m_i W_i;
+    loss = mean over B*L*L of (c c^T - w w^T)^2. Gradient flows to ``codes`` only: the word
+    Gram matrix is the stop-gradient target, the argmax is hard, and only the sign of s_i
+    survives the normalisation.
+    """
+    check_tensor("words", words, dims=3)
+    check_tensor("visual", visual, dims=3)
+    check_tensor("codes", codes, dims=3)
+    check_tensor("word_mask", word_mask, dims=2, dtypes=(torch.bool,))
+    check_same_device(codes=codes, words=words, visual=visual, word_mask=word_mask)
+    batch, length, width = words.shape
+    if visual.shape[0] != batch or visual.shape[2] != width:
+        raise ValueError(f"visual must be [{batch}, M, {width}] to match words, got "
+                         f"{tuple(visual.shape)}")
+    if tuple(codes.shape) != tuple(visual.shape):
+        raise ValueError(f"codes must have the shape of visual {tuple(visual.shape)}, got "
+                         f"{tuple(codes.shape)}")
+    if tuple(word_mask.shape) != (batch, length):
+        raise ValueError(f"word_mask must have shape {(batch, length)}, got "
+                         f"{tuple(word_mask.shape)}")
+    if visual.shape[1] == 0:
+        raise ValueError("visual must hold at least one position (M >= 1)")
+    resolved = _resolve_op(backend, codes.device, "relation_alignment_loss")
+    loss, chosen = torch.ops.lgvq.relation_alignment_loss(
+        words.contiguous(), visual.contiguous(), codes.contiguous(), word_mask.contiguous(),
+        resolved)
+    return RelationAlignment(loss, chosen)

@@ -210,3 +210,62 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
     codebook.copy_(torch.where((smoothed > 0)[:, None], fresh_codebook.to(codebook.dtype),
                                codebook))
     return dead
+
+
+# ----------------------------------------------------------------------------------------------
+# relationship alignment (LG-VQ)
+# ----------------------------------------------------------------------------------------------
+
+
+def _relation_parts(words: Tensor, visual: Tensor, codes: Tensor, word_mask: Tensor):
+    dtype = compute_dtype(codes.dtype)
+    w = torch.nn.functional.normalize(words.to(dtype), dim=-1)
+    v = torch.nn.functional.normalize(visual.to(dtype), dim=-1)
+    similarity, chosen = torch.bmm(w, v.transpose(1, 2)).max(dim=2)  # [B, L]: first maximum
+    gathered = codes.to(dtype).gather(1, chosen[..., None].expand(-1, -1, codes.shape[2]))
+    m = word_mask.to(dtype)[..., None]
+    scaled = similarity[..., None] * gathered  # u_i = s_i c_i
+    norm = scaled.norm(dim=-1, keepdim=True)
+    unit = scaled / norm.clamp_min(1e-12)  # F.normalize(u, eps=1e-12)
+    code_side, word_side = unit * m, w * m
+    difference = (torch.bmm(code_side, code_side.transpose(1, 2))
+                  - torch.bmm(word_side, word_side.transpose(1, 2)))
+    return chosen, similarity, m, norm, unit, code_side, difference
+
+
+def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor,
+                            word_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """LG-VQ relation loss (LGVQ_METHOD.md, Relationship Alignment Module).
+
+    words [B, L, C] text-token features T, visual [B, M, C] visual tokens Zvt[1:], codes
+    [B, M, C] projected codes g(zq_st), word_mask [B, L] bool (real tokens).
+    W = normalize(words), V = normalize(visual); for each word i: chosen_i = argmax_p (W V^T)_ip
+    (first maximum), s_i its value; c_hat_i = m_i normalize(s_i codes[chosen_i]);
+    w_hat_i = m_i W_i; loss = mean over B*L*L of (c_hat c_hat^T - w_hat w_hat^T)^2.
+    Returns (loss 0-d float32 (float64 for float64 codes), chosen [B, L] int64).
+    """
+    chosen, _, _, _, _, _, difference = _relation_parts(words, visual, codes, word_mask)
+    loss = (difference ** 2).mean() if difference.numel() else difference.sum()
+    return loss, chosen
+
+
+def relation_alignment_loss_backward(grad_loss: Tensor, words: Tensor, visual: Tensor,
+                                     codes: Tensor, word_mask: Tensor) -> Tensor:
+    """Gradient of the relation loss w.r.t. codes [B, M, C] (codes.dtype). The loss is constant
+    in words (target under stop-gradient, hard argmax) and in visual (hard argmax, and only the
+    sign of s_i survives the normalisation), so codes is the only input with a gradient.
+
+    With D = P - Q:  dL/dc_hat = 4 D c_hat / (B L L);  through the mask, the normalisation
+    n = u / max(|u|, eps) (dn = (I - n n^T) du / |u|) and u = s c; summed per position."""
+    chosen, similarity, m, norm, unit, code_side, difference = _relation_parts(
+        words, visual, codes, word_mask)
+    count = max(difference.numel(), 1)
+    grad_code_side = torch.bmm(difference, code_side) * (4.0 * grad_loss.to(unit.dtype) / count)
+    grad_unit = grad_code_side * m
+    safe_norm = norm.clamp_min(1e-12)
+    projected = grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)
+    grad_scaled = torch.where(norm > 1e-12, projected, grad_unit) / safe_norm
+    grad_gathered = grad_scaled * similarity[..., None]
+    grad_codes = torch.zeros(codes.shape, dtype=unit.dtype, device=codes.device)
+    grad_codes.scatter_add_(1, chosen[..., None].expand(-1, -1, codes.shape[2]), grad_gathered)
+    return grad_codes.to(codes.dtype)
