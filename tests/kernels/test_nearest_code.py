@@ -206,10 +206,16 @@ def test_opcheck(backend, metric):
         x = torch.nn.functional.normalize(x, dim=-1)
         codebook = torch.nn.functional.normalize(codebook, dim=-1)
     sqnorm = (codebook * codebook).sum(1) if metric == "l2" else None
-    for requires_grad in (False, True):
-        args = (x.clone().requires_grad_(requires_grad), codebook.clone(), sqnorm, metric,
-                "ieee", backend)
-        torch.library.opcheck(torch.ops.lgvq.nearest_code.default, args)
+    args = (x, codebook, sqnorm, metric, "ieee", backend)
+    torch.library.opcheck(torch.ops.lgvq.nearest_code.default, args)
+    # With requires_grad, opcheck's AOT test sums every output into one accumulator starting
+    # with the int64 indices, and adding the float distances into it fails inside the harness
+    # itself; the compiled backward is covered by test_compile_fullgraph_with_backward.
+    args = (x.clone().requires_grad_(True), codebook.clone().requires_grad_(True), sqnorm,
+            metric, "ieee", backend)
+    torch.library.opcheck(torch.ops.lgvq.nearest_code.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
 
 
 def _separated_inputs(metric, dtype=torch.float64):

@@ -1,0 +1,133 @@
+"""relation_alignment_loss on every usable backend against a plain-autograd float64 oracle
+written the way the paper's code does it (a loop over word positions), plus gradcheck,
+opcheck, compile, autocast and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lgvq_kernels
+
+
+def _backends():
+    names = []
+    for name in lgvq_kernels.BACKENDS:
+        try:
+            lgvq_kernels.resolve_backend(name, "cpu", "relation_alignment_loss")
+        except lgvq_kernels.BackendUnavailableError:
+            continue
+        names.append(name)
+    return names
+
+
+BACKENDS = _backends()
+
+
+def paper_loop_oracle(words, visual, codes, word_mask):
+    """Per-sample, per-word Python loop with autograd, float64 (the public code's structure)."""
+    w_all = F.normalize(words.double(), dim=-1)
+    v_all = F.normalize(visual.double(), dim=-1)
+    total = 0.0
+    batch, length, _ = words.shape
+    for b in range(batch):
+        similarity = w_all[b] @ v_all[b].t()
+        rows = []
+        for i in range(length):
+            s, p = similarity[i].max(0)
+            rows.append(F.normalize(s * codes[b, p].double(), dim=-1))
+        code_side = torch.stack(rows) * word_mask[b].double()[:, None]
+        word_side = w_all[b] * word_mask[b].double()[:, None]
+        total = total + ((code_side @ code_side.t() - word_side @ word_side.t()) ** 2).sum()
+    return total / (batch * length * length)
+
+
+def make(batch, length, positions, width, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(batch, length, width, generator=g).to(dtype)
+    visual = torch.randn(batch, positions, width, generator=g).to(dtype)
+    codes = torch.randn(batch, positions, width, generator=g).to(dtype)
+    mask = torch.rand(batch, length, generator=g) > 0.25
+    return words, visual, codes, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (3, 30, 64, 17), (2, 12, 256, 40)])
+def test_matches_paper_loop(backend, dtype, shape):
+    if backend == "triton" and (dtype == torch.float64 or shape[2] > 64):
+        pytest.skip("Triton interpreter: float32/bf16 and small shapes only")
+    words, visual, codes, mask = make(*shape, dtype=dtype, seed=sum(shape))
+    codes.requires_grad_(True)
+    result = lgvq_kernels.relation_alignment_loss(words, visual, codes, mask, backend=backend)
+    result.loss.backward()
+    oracle_codes = codes.detach().double().requires_grad_(True)
+    expected = paper_loop_oracle(words, visual, oracle_codes, mask)
+    expected.backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(result.loss.double(), expected.detach(), rtol=tol, atol=tol)
+    grad_tol = 1e-2 if dtype == torch.bfloat16 else tol * 10
+    torch.testing.assert_close(codes.grad.double(), oracle_codes.grad, rtol=grad_tol, atol=grad_tol)
+    assert result.chosen.shape == mask.shape and result.chosen.dtype == torch.int64
+    assert int(result.chosen.min()) >= 0 and int(result.chosen.max()) < shape[2]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_gradcheck_and_opcheck(backend):
+    words, visual, codes, mask = make(2, 4, 6, 5, dtype=torch.float64)
+    codes.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda c: lgvq_kernels.relation_alignment_loss(words, visual, c, mask,
+                                                       backend=backend).loss, (codes,))
+    torch.library.opcheck(torch.ops.lgvq.relation_alignment_loss.default,
+                          (words, visual, codes, mask, backend))
+    torch.library.opcheck(torch.ops.lgvq.relation_alignment_loss_backward.default,
+                          (torch.tensor(1.5, dtype=torch.float64), words, visual, codes.detach(),
+                           mask, backend))  # first-order only: no double backward
+
+
+def test_negative_best_similarity_flips_the_code():
+    # One word, one position, anti-aligned: s < 0 so c_hat = -normalize(c); with one word the
+    # Gram matrices are 1x1 and equal (both 1): loss 0 whatever the sign.
+    words = torch.tensor([[[1.0, 0.0]]])
+    visual = torch.tensor([[[-1.0, 0.0]]])
+    codes = torch.tensor([[[0.0, 3.0]]])
+    result = lgvq_kernels.relation_alignment_loss(words, visual, codes,
+                                                  torch.ones(1, 1, dtype=torch.bool))
+    assert float(result.loss) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_and_autocast(backend):
+    torch._dynamo.reset()
+    words, visual, codes, mask = make(2, 6, 9, 8)
+
+    def f(codes):
+        return lgvq_kernels.relation_alignment_loss(words, visual, codes, mask,
+                                                    backend=backend).loss
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    c1 = codes.clone().requires_grad_(True)
+    c2 = codes.clone().requires_grad_(True)
+    f(c1).backward()
+    compiled(c2).backward()
+    torch.testing.assert_close(c2.grad, c1.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lgvq_kernels.relation_alignment_loss(words.bfloat16(), visual, codes, mask,
+                                                    backend=backend).loss
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"words": torch.randn(2, 4)}, "words must have 3 dimensions"),
+    ({"visual": torch.randn(2, 6, 9)}, r"visual must be \[2, M, 8\]"),
+    ({"codes": torch.randn(2, 5, 8)}, "codes must have the shape of visual"),
+    ({"word_mask": torch.ones(2, 4)}, "word_mask must have dtype"),
+    ({"word_mask": torch.ones(2, 3, dtype=torch.bool)}, r"word_mask must have shape \(2, 4\)"),
+    ({"visual": torch.randn(2, 0, 8), "codes": torch.randn(2, 0, 8)}, "at least one position"),
+])
+def test_bad_input(kwargs, pattern):
+    args = dict(words=torch.randn(2, 4, 8), visual=torch.randn(2, 6, 8),
+                codes=torch.randn(2, 6, 8), word_mask=torch.ones(2, 4, dtype=torch.bool))
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        lgvq_kernels.relation_alignment_loss(**args)
