@@ -34,9 +34,11 @@ its inputs, outputs included.
   filled 1, 4 and 16 MiB outputs), printed with every report (about 0.1-0.3 MiB: the kernel's
   RSS counters are per-CPU approximations). Blocks under 64 KiB may come from already-resident
   heap and go unseen; allocated but never-written memory is not resident. Where clear_refs
-  is not writable (not Linux, old kernel) each case gets a fresh process and the difference of
-  ``getrusage(RUSAGE_SELF).ru_maxrss`` across its *first* call after building the inputs is used
-  (method "ru_maxrss-cold": includes one-off lazy initialisation; noise a few MiB). Timing never
+  is not writable (not Linux, old kernel; ``LGVQ_BENCH_MEMORY_METHOD=ru_maxrss-cold`` forces it)
+  each case gets a fresh process and ``getrusage(RUSAGE_SELF).ru_maxrss`` (a lifetime peak that
+  cannot be reset) is read around its *first* call (method "ru_maxrss-cold"): exact (peak - RSS
+  before) when the call sets a new peak, otherwise only an upper bound, noted in the row; it
+  includes one-off lazy initialisation. Timing never
   runs in the worker (the malloc setting would slow it), and never concurrently with it.
 
 A provider can be skipped per case: unavailable on the device (reason from the provider),
@@ -460,13 +462,21 @@ def _proc_status_bytes(key: str) -> int | None:
 
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 64 * 1024
+    for _ in range(3):
+        hwm_before = _proc_status_bytes("VmHWM")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        hwm, rss = _proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS")
+        if hwm is None or rss is None or hwm_before is None:
+            return False
+        # reset: the mark now sits at the resident size (up to the counters' per-CPU slack and
+        # whatever was freed between the two reads), or at least it went down
+        if hwm <= rss + MiB or hwm < hwm_before:
+            return True
+    return False
 
 
 def _ru_maxrss_bytes() -> int:
@@ -474,8 +484,9 @@ def _ru_maxrss_bytes() -> int:
     return value if sys.platform == "darwin" else value * 1024
 
 
-def measure_peak_cpu(fn: Callable[[], Any], method: str) -> int:
-    """Peak extra resident bytes of one call of ``fn`` (in a memory worker; see module doc)."""
+def measure_peak_cpu(fn: Callable[[], Any], method: str) -> tuple[int, str]:
+    """(peak extra resident bytes of one call of ``fn``, note) in a memory worker (see the
+    module docstring). The note is "" for an exact figure."""
     if method == "VmHWM-reset":
         fn()  # warm-up
         gc.collect()
@@ -485,13 +496,20 @@ def measure_peak_cpu(fn: Callable[[], Any], method: str) -> int:
         out = fn()
         peak = _proc_status_bytes("VmHWM")
         del out
-        return max(0, peak - before)
+        return max(0, peak - before), ""
+    # "ru_maxrss-cold": the first call in a fresh process; the lifetime peak cannot be reset
     gc.collect()
-    before = _ru_maxrss_bytes()  # "ru_maxrss-cold": first call in a fresh process
+    rss_before = _proc_status_bytes("VmRSS")
+    peak_before = _ru_maxrss_bytes()
     out = fn()
-    peak = _ru_maxrss_bytes()
+    peak_after = _ru_maxrss_bytes()
     del out
-    return max(0, peak - before)
+    if rss_before is None:
+        return max(0, peak_after - peak_before), "lower bound (current RSS unreadable)"
+    if peak_after > peak_before:  # the call set a new peak: exact
+        return peak_after - rss_before, ""
+    return max(0, peak_before - rss_before), \
+        "upper bound (the call stayed under the process's earlier peak)"
 
 
 def measure_peak_cuda(fn: Callable[[], Any], device: torch.device) -> int:
@@ -522,10 +540,12 @@ def _noise_cases() -> list[tuple[Callable[[], Any], int]]:
 def measure_noise_floor(method: str) -> int:
     """Largest error of ``measure_peak_cpu`` on cases of known size (kernel RSS counters are
     per-CPU approximations, and pages are counted as touched)."""
-    return max(abs(measure_peak_cpu(fn, method) - truth) for fn, truth in _noise_cases())
+    return max(abs(measure_peak_cpu(fn, method)[0] - truth) for fn, truth in _noise_cases())
 
 
 def _worker_method() -> str:
+    if os.environ.get("LGVQ_BENCH_MEMORY_METHOD") == "ru_maxrss-cold":  # force the fallback
+        return "ru_maxrss-cold"
     return "VmHWM-reset" if _reset_peak_rss() else "ru_maxrss-cold"
 
 
@@ -533,7 +553,7 @@ def _memory_worker_main() -> int:
     """Loop of the CPU memory worker: JSON jobs on stdin, tagged JSON results on stdout."""
     warnings.simplefilter("ignore")
     method = _worker_method()
-    noise = 0
+    noise = None  # not measured under "ru_maxrss-cold"
     if method == "VmHWM-reset":
         noise = measure_noise_floor(method)
     _emit({"hello": True, "method": method, "noise_bytes": noise})
@@ -548,10 +568,10 @@ def _memory_worker_main() -> int:
             device = torch.device("cpu")
             fn = provider.factory(job["shape"], device, job["dtype"])
             with matmul_precision(job["dtype"], device):
-                extra = measure_peak_cpu(fn, method)
+                extra, note = measure_peak_cpu(fn, method)
             del fn
             gc.collect()
-            _emit({"ok": True, "peak_extra_bytes": extra, "method": method})
+            _emit({"ok": True, "peak_extra_bytes": extra, "note": note, "method": method})
         except Exception as error:  # noqa: BLE001 - reported per case
             _emit({"ok": False, "error": _error_text(error), "method": method})
         if method != "VmHWM-reset":
@@ -570,7 +590,7 @@ class MemoryWorker:
     def __init__(self):
         self.process: subprocess.Popen | None = None
         self.method = ""
-        self.noise_bytes = 0
+        self.noise_bytes: int | None = None
         self.stderr = None
 
     def _start(self) -> None:
@@ -623,7 +643,7 @@ class MemoryWorker:
             self.close()
         if not reply["ok"]:
             return None, reply["error"]
-        return reply["peak_extra_bytes"], ""
+        return reply["peak_extra_bytes"], reply.get("note", "")
 
     def close(self) -> None:
         if self.process is not None:

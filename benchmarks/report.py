@@ -325,8 +325,9 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         rows = harness.run_cases(family, shapes, providers, dtypes, device, timing=timing,
                                  memory=not args.no_memory, memory_budget_bytes=budget, run=run,
-                                 progress=lambda text: print("  " + text, file=sys.stderr,
-                                                             flush=True))
+                                 progress=lambda text: print(
+                                     f"  {time.perf_counter() - started:7.1f}s {text}",
+                                     file=sys.stderr, flush=True))
         elapsed = time.perf_counter() - started
         failures += sum(row.status == "error" for row in rows)
 

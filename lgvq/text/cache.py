@@ -163,7 +163,7 @@ class TextFeatureCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         view = self._view()
-        tensors = {name: getattr(view, name).contiguous().clone() for name in _FIELDS}
+        tensors = {name: getattr(view, name).contiguous() for name in _FIELDS}
         captions_json = json.dumps(self._captions, ensure_ascii=False).encode("utf-8")
         tensors["captions_utf8"] = torch.frombuffer(bytearray(captions_json), dtype=torch.uint8)
         metadata = {

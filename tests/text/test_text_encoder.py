@@ -43,12 +43,18 @@ def minilm() -> TextEncoder:
 
 
 @pytest.fixture(scope="module")
+def minilm_short() -> TextEncoder:
+    """MiniLM through the name alias, with another max_length (another cache identity)."""
+    return load_text_encoder("MiniLM", max_length=16)
+
+
+@pytest.fixture(scope="module")
 def minilm_features(minilm):
     return minilm.encode(CAPTIONS)
 
 
 # ------------------------------------------------------------------------------ MiniLM
-def test_minilm_loads_offline_and_reports_its_sizes(minilm):
+def test_minilm_loads_offline_and_reports_its_sizes(minilm, minilm_short):
     assert minilm.width == 384 and minilm.global_dim == 384
     assert minilm.vocab_size == 30522 and minilm.max_length == 30
     assert minilm.mask_token_id == 103 and minilm.pad_token_id == 0
@@ -59,7 +65,8 @@ def test_minilm_loads_offline_and_reports_its_sizes(minilm):
     assert all(not p.requires_grad for p in minilm.parameters())
     minilm.train()
     assert not minilm.training and not minilm.model.training
-    assert isinstance(load_text_encoder("MiniLM", max_length=8), MiniLMTextEncoder)
+    assert isinstance(minilm_short, MiniLMTextEncoder) and minilm_short.max_length == 16
+    assert minilm_short.tokenize(CAPTIONS).ids.shape == (len(CAPTIONS), 16)
 
 
 def test_tokenize_shapes_masks_and_truncation(minilm):
@@ -206,7 +213,7 @@ def test_cache_matches_direct_encoding(minilm, minilm_features):
     assert len(cache) == before + 1 and "a new caption" in cache
 
 
-def test_cache_file_round_trip_and_rebuilds(minilm, minilm_features, tmp_path):
+def test_cache_file_round_trip_and_rebuilds(minilm, minilm_short, minilm_features, tmp_path):
     path = tmp_path / "cache" / "text.safetensors"
     built = TextFeatureCache.build(minilm, CAPTIONS, path)
     assert path.is_file()
@@ -232,7 +239,7 @@ def test_cache_file_round_trip_and_rebuilds(minilm, minilm_features, tmp_path):
     assert TextFeatureCache(minilm).load(path, other)
 
     # another encoder identity (max_length): ignored with a warning
-    shorter = TextFeatureCache(MiniLMTextEncoder(max_length=16))
+    shorter = TextFeatureCache(minilm_short)
     with pytest.warns(TextFeatureCacheWarning, match="fingerprint mismatch"):
         assert not shorter.load(path)
 

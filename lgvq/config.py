@@ -1,0 +1,148 @@
+"""Typed training configuration with presets and ``--key=value`` overrides. The whole config is
+saved into every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    # --- data -----------------------------------------------------------------------------
+    dataset: str = "shapes"  # shapes | jsonl | cub | coco | celeba
+    data_root: str = ""  # folder (or manifest) of a real data set; unused for shapes
+    image_size: int = 32  # pixels per side after resize/crop
+    train_images: int = 2048  # size of the training split (shapes); 0 = the whole folder set
+    eval_images: int = 256  # held-out images used by evaluation
+    # --- tokenizer --------------------------------------------------------------------------
+    backbone: str = "vqvae"  # vqvae | vqgan
+    base_channels: int = 32  # channels of the first encoder level
+    channel_multipliers: tuple[int, ...] = (1, 2)  # one per level; len - 1 downsamplings
+    res_blocks: int = 1  # residual blocks per level
+    code_dim: int = 32  # D: width of the codes
+    codebook_size: int = 128  # K
+    quantizer: str = "ema"  # ema | learnable | cvq
+    commitment_weight: float = 0.25  # beta of the VQ loss
+    ema_decay: float = 0.95  # EMA decay of the codebook (ema quantizer)
+    dead_code_threshold: float = 0.5  # EMA count under which a code is re-seeded from the batch
+    disc_start: int = 10_000  # step at which the PatchGAN loss starts (vqgan)
+    disc_weight: float = 0.8  # weight of the adaptive GAN term (vqgan)
+    lpips_weights: str = ""  # local LPIPS weights file (vqgan); empty = perceptual term off
+    # --- language guidance -----------------------------------------------------------------
+    language_guidance: bool = True  # False: the plain baseline (heads trained as probes)
+    alpha: float = 1e-3  # weight of global semantic alignment (InfoNCE)
+    beta: float = 1e-2  # weight of masked text prediction
+    gamma: float = 1e-4  # weight of relationship alignment
+    text_encoder: str = "minilm"  # minilm, or a local CLIP/BERT folder
+    max_text_length: int = 30  # text tokens kept per caption
+    mask_before_encoding: bool = False  # mask words, then encode (honest) vs paper behaviour
+    # --- optimisation -----------------------------------------------------------------------
+    steps: int = 400  # optimisation steps
+    batch_size: int = 32  # images per step
+    learning_rate: float = 4e-4  # Adam learning rate of tokenizer and heads
+    adam_betas: tuple[float, float] = (0.5, 0.9)  # Adam (beta1, beta2) as in the paper
+    seed: int = 0  # seeds data order, caption draws, masks and initialisation
+    amp: bool = False  # bf16 autocast where the device supports it
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # lgvq kernel backend (auto | reference | native | triton)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    # --- output -----------------------------------------------------------------------------
+    out_dir: str = "runs/shapes"  # checkpoints, metrics.csv, sample grids
+    log_every: int = 20  # steps between metric rows
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
+    sample_every: int = 200  # steps between reconstruction grids
+    resume: bool = False  # continue from out_dir/last.safetensors if it exists
+    preset: str = field(default="shapes")  # the preset these values started from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
+
+
+PRESETS: dict[str, dict] = {
+    # sized for 2 CPU cores: 32x32 captioned shapes, 8x8 tokens, a few minutes per run
+    "shapes": {},
+    "shapes-tiny": {"train_images": 256, "eval_images": 64, "steps": 30, "batch_size": 8,
+                    "base_channels": 16, "code_dim": 16, "codebook_size": 32,
+                    "checkpoint_every": 10, "log_every": 5, "sample_every": 30},
+    # the paper's settings (GPU): 256x256, f=16, K=1024, D=256, lr 4.5e-6 x batch 8
+    "cub": {"dataset": "cub", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
+            "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
+            "codebook_size": 1024, "quantizer": "learnable", "commitment_weight": 0.25,
+            "alpha": 1e-3, "beta": 1e-3, "gamma": 1e-3, "batch_size": 8,
+            "learning_rate": 4.5e-6 * 8, "steps": 200_000, "train_images": 0,
+            "out_dir": "runs/cub", "checkpoint_every": 2000, "sample_every": 2000},
+    "celeba": {"dataset": "celeba", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
+               "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
+               "codebook_size": 1024, "quantizer": "learnable", "alpha": 1e-3, "beta": 1e-2,
+               "gamma": 1e-4, "batch_size": 8, "learning_rate": 4.5e-6 * 8, "steps": 200_000,
+               "train_images": 0, "out_dir": "runs/celeba", "checkpoint_every": 2000,
+               "sample_every": 2000},
+    "coco": {"dataset": "coco", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
+             "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
+             "codebook_size": 1024, "quantizer": "learnable", "alpha": 1e-3, "beta": 1e-2,
+             "gamma": 1e-4, "batch_size": 8, "learning_rate": 4.5e-6 * 8, "steps": 400_000,
+             "train_images": 0, "out_dir": "runs/coco", "checkpoint_every": 2000,
+             "sample_every": 2000},
+}
+
+
+def _coerce(field_: dataclasses.Field, value):
+    """Turn a command-line string (or JSON value) into the field's type."""
+    kind = field_.type if isinstance(field_.type, str) else getattr(field_.type, "__name__", "")
+    if not isinstance(value, str):
+        return tuple(value) if "tuple" in str(kind) and isinstance(value, list) else value
+    text = value.strip()
+    if "bool" in kind:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{field_.name} expects true/false, got {value!r}")
+    if "tuple" in kind:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        convert = float if "float" in kind else int
+        try:
+            return tuple(convert(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"--{field_.name} expects comma-separated numbers, got {value!r}") \
+                from None
+    if kind == "int":
+        try:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        except ValueError:
+            raise ValueError(f"--{field_.name} expects an integer, got {value!r}") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{field_.name} expects a number, got {value!r}") from None
+    return text
+
+
+def build_config(preset: str = "shapes", overrides: dict | None = None) -> TrainConfig:
+    """The preset's config with ``overrides`` (``{"steps": "100"}`` strings or values) applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset, **(overrides or {})}
+    return TrainConfig.from_dict(values)
+
+
+def parse_overrides(arguments: list[str]) -> dict[str, str]:
+    """``["--steps=100", "--resume"]`` → ``{"steps": "100", "resume": "true"}``."""
+    overrides: dict[str, str] = {}
+    for argument in arguments:
+        if not argument.startswith("--") or len(argument) == 2:
+            raise ValueError(f"expected --key=value (or a bare --flag), got {argument!r}")
+        key, eq, value = argument[2:].partition("=")
+        overrides[key.replace("-", "_")] = value if eq else "true"
+    return overrides

@@ -1,0 +1,123 @@
+"""lgvq.LGVQ: language-guided codebook learning around any VQ image tokenizer.
+
+The wrapped model must provide ``encode(images) -> (z_e, zq_st, indices, vq_loss, info)`` with
+the straight-through quantized map ``zq_st`` ``[B, D, h, w]`` and ``decode(zq) -> images``
+(lgvq.models.VQModel does). LG-VQ adds three losses that read ``zq_st`` (LGVQ_METHOD.md):
+
+    L = L_vq (+ reconstruction, GAN: the backbone's) + alpha L_gsa + beta L_mtp + gamma L_ras
+
+With ``language_guidance=False`` the same heads are trained on ``zq_st.detach()``: the tokenizer
+receives no language gradient (the plain baseline) while the heads become probes of its tokens
+trained with the same budget, so both models are scored by one protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lgvq.alignment import (
+    MaskedTextDecoder,
+    MaskedWordHead,
+    RelationAlignment,
+    VisualTokenEncoder,
+    global_semantic_alignment_loss,
+    masked_word_loss,
+)
+from lgvq.text.features import TextFeatures
+
+
+@dataclass
+class LanguageLossWeights:
+    alpha: float = 1e-3  # global semantic alignment (InfoNCE)
+    beta: float = 1e-2  # masked text prediction
+    gamma: float = 1e-4  # relationship alignment
+    temperature: float = 1.0  # InfoNCE temperature (1 in the paper's code)
+    label_smoothing: float = 0.1  # masked-word cross-entropy
+
+
+class LanguageLosses(NamedTuple):
+    total: Tensor  # alpha * gsa + beta * mtp + gamma * ras
+    global_alignment: Tensor  # L_gsa
+    masked_prediction: Tensor  # L_mtp
+    relation: Tensor  # L_ras
+    visual_tokens: Tensor  # Zvt [B, M + 1, C]
+
+
+class LGVQ(nn.Module):
+    """Language guidance heads around a VQ tokenizer.
+
+    Args:
+      tokenizer: the VQ model (see module docstring).
+      code_dim: D, channels of zq_st. num_tokens: M = h * w.
+      text_width: C (token features); global_width: G (sentence feature); max_length: T;
+      token_embedding: the frozen encoder's ``[V, C_emb]`` table for the tied MLM head.
+      language_guidance: False trains the heads as probes on detached tokens (baseline).
+      backend: kernel backend for the relation op.
+    """
+
+    def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
+                 global_width: int, max_length: int, token_embedding: Tensor,
+                 weights: LanguageLossWeights | None = None, language_guidance: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.weights = weights or LanguageLossWeights()
+        self.language_guidance = language_guidance
+        self.visual_encoder = VisualTokenEncoder(code_dim, num_tokens, text_width)
+        self.cls_to_global = (nn.Identity() if global_width == text_width
+                              else nn.Linear(text_width, global_width, bias=False))
+        self.text_decoder = MaskedTextDecoder(text_width, max_length)
+        self.word_head = MaskedWordHead(text_width, token_embedding)
+        self.relation = RelationAlignment(code_dim, text_width, backend=backend)
+
+    def head_parameters(self):
+        """Parameters of the language heads (not of the tokenizer)."""
+        for name, parameter in self.named_parameters():
+            if not name.startswith("tokenizer."):
+                yield parameter
+
+    def tokens(self, zq_st: Tensor) -> Tensor:
+        """zq_st ``[B, D, h, w]`` → tokens ``[B, M, D]``; detached for the baseline."""
+        tokens = zq_st.flatten(2).transpose(1, 2)
+        return tokens if self.language_guidance else tokens.detach()
+
+    def language_losses(self, zq_st: Tensor, text: TextFeatures, masked: Tensor,
+                        masked_text: TextFeatures | None = None) -> LanguageLosses:
+        """The three LG-VQ losses for one batch.
+
+        zq_st ``[B, D, h, w]``; text: features of one caption per image (unmasked); masked bool
+        ``[B, T]``: the word slots to predict; masked_text: features of the masked captions
+        (``mask_before_encoding``), else the decoder reads ``text`` with masked slots replaced.
+        """
+        tokens = self.tokens(zq_st)
+        visual = self.visual_encoder(tokens)
+        gsa = global_semantic_alignment_loss(self.cls_to_global(visual[:, 0]),
+                                             text.global_features, self.weights.temperature)
+        decoder_input = (masked_text or text).token_features
+        hidden = self.text_decoder(decoder_input, masked, text.attention_mask, visual)
+        if bool(masked.any()):  # logits only where a word is predicted: [masked slots, V]
+            logits = self.word_head(hidden[masked])
+            mtp = torch.nn.functional.cross_entropy(
+                logits, text.ids[masked], label_smoothing=self.weights.label_smoothing)
+        else:
+            mtp = masked_word_loss(hidden[..., :1], text.ids, masked)
+        ras, _ = self.relation(text.token_features, text.attention_mask, visual[:, 1:], tokens)
+        w = self.weights
+        total = w.alpha * gsa + w.beta * mtp + w.gamma * ras
+        return LanguageLosses(total, gsa, mtp, ras, visual)
+
+    def predict_masked_words(self, zq_st: Tensor, token_features: Tensor, masked: Tensor,
+                             attention_mask: Tensor) -> Tensor:
+        """Logits ``[B, T, V]`` of the masked-word head (evaluation)."""
+        visual = self.visual_encoder(zq_st.flatten(2).transpose(1, 2))
+        hidden = self.text_decoder(token_features, masked, attention_mask, visual)
+        return self.word_head(hidden)
+
+    def image_embedding(self, zq_st: Tensor) -> Tensor:
+        """e_CLS mapped to the global text width ``[B, G]`` (retrieval)."""
+        visual = self.visual_encoder(zq_st.flatten(2).transpose(1, 2))
+        return self.cls_to_global(visual[:, 0])
