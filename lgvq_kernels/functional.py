@@ -162,6 +162,18 @@ def _check_indices(name: str, indices, shape, device) -> None:
         raise ValueError(f"{name} is on {indices.device} but x is on {device}")
 
 
+def _check_index_range(name: str, indices: Tensor, num_codes: int) -> None:
+    """Raise if an index is outside [0, num_codes). Checked on CPU tensors only, where it costs
+    no device synchronisation; GPU kernels guard their loads instead (an out-of-range row reads
+    zeros and contributes nothing)."""
+    if indices.device.type != "cpu" or indices.numel() == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= num_codes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must lie in [0, {num_codes}), found {bad}")
+
+
 def _check_mask(mask, shape, device) -> None:
     if mask is None:
         return
@@ -179,7 +191,8 @@ def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor, *,
     Args:
       x: ``[..., D]`` float32/float16/bfloat16/float64.
       codebook: ``[K, D]`` same dtype as x (promoted otherwise).
-      indices: int64 ``x.shape[:-1]``, in ``[0, K)`` (e.g. from :func:`nearest_code`).
+      indices: int64 ``x.shape[:-1]``, in ``[0, K)`` (e.g. from :func:`nearest_code`);
+        checked on CPU (ValueError), guarded on GPU (an out-of-range row reads zeros).
       mask: optional bool ``x.shape[:-1]``: rows with False are ignored by both losses.
       backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
 
@@ -196,6 +209,7 @@ def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor, *,
         raise ValueError(f"x must be [..., D] and codebook [K >= 1, D] with the same D, got "
                          f"{tuple(x.shape)} and {tuple(codebook.shape)}")
     _check_indices("indices", indices, x.shape[:-1], x.device)
+    _check_index_range("indices", indices, codebook.shape[0])
     _check_mask(mask, x.shape[:-1], x.device)
     resolved = _resolve_op(backend, x.device, "quantize_straight_through")
     dtype = torch.promote_types(x.dtype, codebook.dtype)
@@ -224,6 +238,7 @@ def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int, *,
     if not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
     _check_indices("indices", indices, x.shape[:-1], x.device)
+    _check_index_range("indices", indices, num_codes)
     _check_mask(mask, x.shape[:-1], x.device)
     resolved = _resolve_op(backend, x.device, "codebook_statistics")
     dim = x.shape[-1]

@@ -131,8 +131,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _block_d(dim: int) -> int:
-    # A row tile is BLOCK x BLOCK_D; wider D is looped (forward) or split over programs
-    # (backward). Not yet timed on a GPU.
+    # Row tiles are BLOCK_N (or BLOCK_R) x BLOCK_D; wider D is looped (forward) or split over
+    # programs (backward). Not yet timed on a GPU.
     return min(triton.next_power_of_2(dim), 64 if _INTERPRET else 128)
 
 
@@ -199,12 +199,11 @@ def _check_codebook(x: torch.Tensor, codebook: torch.Tensor) -> None:
 
 
 def _valid_elements(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """max(1, valid rows * D) as a float32 device scalar (no host sync)."""
+    """max(1, valid rows * D) as a float32 device scalar (no host sync, no copy)."""
     if mask is None:
-        valid = torch.tensor(x.shape[0], device=x.device)
-    else:
-        valid = mask.sum()
-    return (valid * x.shape[1]).clamp_min(1).to(torch.float32)
+        return torch.full((), max(1, x.shape[0] * x.shape[1]), dtype=torch.float32,
+                          device=x.device)
+    return (mask.sum() * x.shape[1]).clamp_min(1).to(torch.float32)
 
 
 def quantize_straight_through_forward(x: torch.Tensor, codebook: torch.Tensor,

@@ -284,12 +284,12 @@ def test_bad_input(call, error, pattern):
         call()
 
 
-@pytest.mark.parametrize("backend", [b for b in QUANTIZE_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_out_of_range_indices_raise_instead_of_reading_out_of_bounds(backend):
     x, codebook = torch.randn(4, 3), torch.randn(5, 3)
     for bad in (5, -1):
         indices = torch.tensor([0, 1, bad, 2])
-        with pytest.raises((ValueError, IndexError, RuntimeError), match="indices|index"):
+        with pytest.raises(ValueError, match=rf"indices must lie in \[0, 5\), found {bad}"):
             lgvq_kernels.quantize_straight_through(x, codebook, indices, backend=backend)
-        with pytest.raises((ValueError, IndexError, RuntimeError), match="indices|index"):
+        with pytest.raises(ValueError, match=rf"indices must lie in \[0, 5\), found {bad}"):
             lgvq_kernels.codebook_statistics(x, indices, 5, backend=backend)
