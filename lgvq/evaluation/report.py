@@ -1,0 +1,202 @@
+"""Evaluation reports: mean ± std over seeds, a markdown table (e.g. baseline vs LG-VQ side by
+side) and PNG image grids. Every file is written atomically: to a temporary file in the same
+folder, then ``os.replace``, so no partial file is ever left where a good one stood.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MeanStd",
+    "atomic_write_bytes",
+    "format_cell",
+    "mean_and_std",
+    "save_image_grid",
+    "write_markdown_report",
+]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync,
+    ``os.replace``); parent folders are created. Returns the path as a str."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                         suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+class MeanStd(NamedTuple):
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value) of ``count`` values."""
+
+    mean: float
+    std: float
+    count: int
+
+    def format(self, float_format: str = "{:.4g}") -> str:
+        """``"mean ± std"`` (just the mean when there is one value)."""
+        if self.count == 1:
+            return float_format.format(self.mean)
+        return f"{float_format.format(self.mean)} ± {float_format.format(self.std)}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def mean_and_std(values: Iterable[float]) -> MeanStd:
+    """Mean ± sample standard deviation (ddof = 1) of per-seed results, e.g. PSNR of 3 seeds.
+
+    ``values``: floats, ints or 0-d tensors (at least one). One value gives std 0.
+    """
+    numbers = [float(value) for value in values]
+    if not numbers:
+        raise ValueError("mean_and_std needs at least one value")
+    mean = math.fsum(numbers) / len(numbers)
+    if len(numbers) == 1:
+        return MeanStd(mean, 0.0, 1)
+    variance = math.fsum((number - mean) ** 2 for number in numbers) / (len(numbers) - 1)
+    return MeanStd(mean, math.sqrt(variance), len(numbers))
+
+
+def format_cell(value, float_format: str = "{:.4g}") -> str:
+    """Text of one table cell: MeanStd as "mean ± std", floats with ``float_format``, None as
+    "—", anything else with ``str``; "|" is escaped and line breaks become spaces."""
+    if value is None:
+        text = "—"
+    elif isinstance(value, MeanStd):
+        text = value.format(float_format)
+    elif isinstance(value, Tensor) and value.numel() == 1:
+        text = format_cell(value.item(), float_format)
+    elif isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, float):
+        text = float_format.format(value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def write_markdown_report(
+    path: str | os.PathLike,
+    title: str,
+    rows: Sequence[dict],
+    columns: Sequence[str] | None = None,
+    notes: str | Sequence[str] | None = None,
+    images: Sequence[str | os.PathLike] = (),
+    *,
+    float_format: str = "{:.4g}",
+) -> str:
+    """Write a markdown report: a title, one table, notes and images.
+
+    Args:
+        path: the ``.md`` file (written atomically; parent folders created).
+        title: the level-1 heading.
+        rows: one dict per table row, e.g. ``{"model": "VQ-GAN+LG", "PSNR": mean_and_std(...)}``;
+            cells are formatted by :func:`format_cell` (a missing key shows "—").
+        columns: the keys to show, in order (also the header); None: every key of the rows in
+            order of first appearance.
+        notes: a paragraph, or a list of lines written as bullets, after the table.
+        images: PNG paths, embedded as ``![name](path)`` with the path relative to the report.
+        float_format: format of float cells and of MeanStd parts.
+
+    Returns:
+        The path written, as a str.
+    """
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a str, got {type(title).__name__}")
+    if isinstance(rows, dict) or not all(isinstance(row, dict) for row in rows):
+        raise TypeError("rows must be a list of dicts (one per table row)")
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    elif isinstance(columns, str):
+        raise TypeError("columns must be a list of column names, not one str")
+    columns = [str(column) for column in columns]
+    if not columns:
+        raise ValueError("the table needs at least one column (columns is empty and rows have "
+                         "no keys)")
+    lines = [f"# {title}", ""]
+    lines.append("| " + " | ".join(format_cell(column) for column in columns) + " |")
+    lines.append("| " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(column), float_format)
+                                       for column in columns) + " |")
+    if notes:
+        lines.append("")
+        if isinstance(notes, str):
+            lines.append(notes)
+        else:
+            lines.extend(f"- {note}" for note in notes)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    for image in images:
+        image = os.fspath(image)
+        relative = os.path.relpath(os.path.abspath(image), folder).replace(os.sep, "/")
+        name = os.path.splitext(os.path.basename(image))[0]
+        lines.extend(["", f"![{name}]({relative})"])
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
+                    padding: int = 2, pad_value: float = 1.0) -> str:
+    """Save images in [-1, 1] as one PNG grid (atomically, with Pillow).
+
+    Args:
+        images: float ``[N, C, H, W]``, C = 3 (RGB) or 1 (grey), values in [-1, 1] (clamped).
+        path: the ``.png`` file; parent folders are created.
+        nrow: images per grid row (the grid has ceil(N / nrow) rows).
+        padding: pixels between images and around the grid.
+        pad_value: colour of the padding in [-1, 1] (1 = white).
+
+    The grid is ``rows * (H + padding) + padding`` pixels high and
+    ``min(N, nrow) * (W + padding) + padding`` wide. Returns the path as a str.
+    """
+    from PIL import Image
+
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor [N, 3 or 1, H, W], got {shape}")
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images must hold at least one non-empty image, got "
+                         f"{tuple(images.shape)}")
+    if not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be an int >= 1, got {nrow!r}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    count, channels, height, width = images.shape
+    columns = min(count, nrow)
+    grid_rows = math.ceil(count / nrow)
+    grid = torch.full((channels, grid_rows * (height + padding) + padding,
+                       columns * (width + padding) + padding), float(pad_value))
+    pictures = images.detach().float().cpu()
+    for index in range(count):
+        top = padding + (index // nrow) * (height + padding)
+        left = padding + (index % nrow) * (width + padding)
+        grid[:, top:top + height, left:left + width] = pictures[index]
+    pixels = ((grid.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    # uint8 [H, W] is read as mode "L", [H, W, 3] as "RGB".
+    image = Image.fromarray(array[..., 0] if channels == 1 else array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
