@@ -79,10 +79,15 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a checkpoint without loading its tensors: step, config, extra."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as stream:
-        metadata = stream.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as stream:
+            metadata = stream.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {error}") from None
     if metadata.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not an lgvq checkpoint (format {metadata.get('format')!r})")
     return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),

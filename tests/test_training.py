@@ -1,0 +1,127 @@
+"""Training loop: config parsing, atomic checkpoints, exact resume after kill -9, CLI errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from lgvq.config import build_config, parse_overrides
+from lgvq.training import batch_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_unknown_keys_rejected():
+    config = build_config("shapes", parse_overrides(
+        ["--steps=12", "--resume", "--channel_multipliers=1,2,2", "--alpha=0.5"]))
+    assert (config.steps, config.resume, config.channel_multipliers, config.alpha) == \
+        (12, True, (1, 2, 2), 0.5)
+    with pytest.raises(ValueError, match="unknown config keys: \\['stepz'\\]"):
+        build_config("shapes", {"stepz": "1"})
+    with pytest.raises(ValueError, match="--steps expects an integer"):
+        build_config("shapes", {"steps": "ten"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config("imagenet")
+    with pytest.raises(ValueError, match="expected --key=value"):
+        parse_overrides(["steps=3"])
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    first = [batch_indices(0, s, 8, 20) for s in range(5)]
+    again = [batch_indices(0, s, 8, 20) for s in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # every epoch visits every image once (40 indices over 2 epochs of 20, across a wrap)
+    counts = torch.bincount(torch.cat(first), minlength=20)
+    assert bool((counts == 2).all())
+    assert not torch.equal(batch_indices(1, 0, 8, 20), first[0])
+
+
+def test_checkpoint_round_trip_and_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, model=model, optimizers={"model": optimizer}, step=7,
+                    config={"steps": 9})
+    assert read_checkpoint_metadata(path)["step"] == 7
+    good = path.read_bytes()
+
+    import lgvq.checkpoint as checkpoint_module
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model=model, optimizers={"model": optimizer}, step=8, config={})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
+
+    other = torch.nn.Linear(4, 3)
+    other_optimizer = torch.optim.Adam(other.parameters(), lr=0.1)
+    meta = load_checkpoint(path, model=other, optimizers={"model": other_optimizer})
+    assert meta["step"] == 7 and meta["config"] == {"steps": 9}
+    assert torch.equal(other.weight, model.weight)
+    state, loaded = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+    assert torch.equal(state[0]["exp_avg"], loaded[0]["exp_avg"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.safetensors", model=other)
+
+
+def _train_command(out_dir, *extra):
+    return [sys.executable, "-m", "lgvq", "train", "--preset=shapes-tiny", f"--out_dir={out_dir}",
+            "--steps=24", "--checkpoint_every=4", "--threads=1", *extra]
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim."))}
+
+
+@pytest.mark.slow
+def test_kill_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command(straight), check=True, env=env, cwd=ROOT, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(killed), env=env, cwd=ROOT)
+    checkpoint = killed / "last.safetensors"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists() and read_checkpoint_metadata(checkpoint)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    step_at_kill = read_checkpoint_metadata(checkpoint)["step"]
+    assert 8 <= step_at_kill < 24
+    subprocess.run(_train_command(killed, "--resume"), check=True, env=env, cwd=ROOT, timeout=600)
+
+    expected, got = _tensors(straight / "last.safetensors"), _tensors(checkpoint)
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    rows = (killed / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [5, 10, 15, 20, 24]
+
+
+def test_cli_reports_bad_arguments_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "lgvq", "train", "--stepz=1"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert "unknown config keys: ['stepz']" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "lgvq", "eval", "/no/such/file"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "/no/such/file" in result.stderr
