@@ -50,7 +50,7 @@ def _extensions():
 
     sources = _sources("csrc/registration.cpp") + _sources("csrc/module.cpp") \
         + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", "-DNDEBUG"]  # the C++ standard is torch's own (C++20 for 2.13)
     ldflags = ["-fopenmp"]
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("LGVQ_BUILD_CUDA", "1") != "0")
@@ -62,7 +62,7 @@ def _extensions():
             "lgvq_kernels._C",
             sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
             extra_compile_args={"cxx": cxx + ["-DLGVQ_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                                "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=ldflags,
         )
     else:

@@ -32,4 +32,14 @@ TORCH_LIBRARY(lgvq_C, m) {
   m.def("codebook_ema_update_(Tensor stats, Tensor(a!) cluster_size, Tensor(b!) embed_sum,"
         " Tensor(c!) codebook, float decay, float eps, float dead_threshold, Tensor? replacement)"
         " -> Tensor");
+
+  // LG-VQ relationship alignment (see lgvq_kernels/reference.py: relation_alignment_loss).
+  // words [B, L, C], visual [B, M, C], codes [B, M, C] contiguous, same floating dtype;
+  // word_mask [B, L] bool. Returns (loss 0-d float32 (float64 for float64), chosen [B, L] int64:
+  // per word the first position of maximal cosine similarity).
+  m.def("relation_alignment_loss(Tensor words, Tensor visual, Tensor codes, Tensor word_mask)"
+        " -> (Tensor loss, Tensor chosen)");
+  // Gradient w.r.t. codes [B, M, C] (codes dtype); grad_loss is 0-d. Deterministic.
+  m.def("relation_alignment_loss_backward(Tensor grad_loss, Tensor words, Tensor visual,"
+        " Tensor codes, Tensor word_mask) -> Tensor");
 }

@@ -64,7 +64,12 @@ _IMPLS: dict[tuple[str, str], Callable] = {
     ("codebook_ema_update_", "native"): _native("codebook_ema_update_"),
     ("codebook_ema_update_", "triton"): _triton("codebook_ema", "codebook_ema_update_forward_"),
     ("relation_alignment_loss", "reference"): reference.relation_alignment_loss,
+    ("relation_alignment_loss", "native"): _native("relation_alignment_loss"),
+    ("relation_alignment_loss", "triton"): _triton("relation", "relation_alignment_forward"),
     ("relation_alignment_loss_backward", "reference"): reference.relation_alignment_loss_backward,
+    ("relation_alignment_loss_backward", "native"): _native("relation_alignment_loss_backward"),
+    ("relation_alignment_loss_backward", "triton"):
+        _triton("relation", "relation_alignment_backward"),
 }
 
 

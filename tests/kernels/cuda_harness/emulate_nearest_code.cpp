@@ -314,8 +314,12 @@ Expected oracle(const std::vector<float>& x, const std::vector<float>& codebook,
       float acc = 0.0f;
       for (int64_t c = 0; c < d; ++c) acc = std::fmaf(xr[c], codebook[j * d + c], acc);
       float score;
-      if (mode == detail::kCosine) score = -acc;
-      else score = std::fmaf(-2.0f, acc, mode == detail::kL2GivenSqnorm ? sqnorm[j] : code_sqnorm[j]);
+      if (mode == detail::kCosine) {
+        score = -acc;
+      } else {
+        score = std::fmaf(-2.0f, acc,
+                          mode == detail::kL2GivenSqnorm ? sqnorm[j] : code_sqnorm[j]);
+      }
       if (std::isfinite(score) && (!found || score < best)) {
         found = true;
         best = score;
@@ -352,7 +356,9 @@ struct Case {
 
 // kind 0: gaussian; 1: values in {-1, 0, 1} (many exact ties between distinct codes);
 // 2: codes repeat with period 5 (duplicates across tiles and splits); 3: non-finite entries;
-// 4: all codes identical (every row: index 0); 5: zero rows of x mixed with gaussian.
+// 4: all codes identical (every row: index 0); 5: zero rows of x mixed with gaussian;
+// 6: zero codes whose given norms are +0 in the first tile and -0 after it (every score is
+// +0 or -0: equal, so index 0 must win across codebook splits).
 template <typename T>
 void make_data(const Case& c, std::mt19937& rng, std::vector<T>& x, std::vector<T>& codebook,
                std::vector<float>& sqnorm) {
@@ -382,6 +388,9 @@ void make_data(const Case& c, std::mt19937& rng, std::vector<T>& x, std::vector<
       for (int64_t e = 0; e < c.d; ++e) x[r * c.d + e] = from_float<T>(0.0f);
     }
   }
+  if (c.kind == 6) {
+    for (auto& v : codebook) v = from_float<T>(0.0f);
+  }
   sqnorm.assign(c.k, 0.0f);
   for (int64_t j = 0; j < c.k; ++j) {
     float s = 0.0f;
@@ -394,6 +403,9 @@ void make_data(const Case& c, std::mt19937& rng, std::vector<T>& x, std::vector<
   if (c.kind == 3) {
     for (int64_t j = 2; j < c.k; j += 13) sqnorm[j] = nan;
     for (int64_t j = 4; j < c.k; j += 17) sqnorm[j] = inf;
+  }
+  if (c.kind == 6) {
+    for (int64_t j = detail::kTileCodes; j < c.k; ++j) sqnorm[j] = -0.0f;
   }
 }
 
@@ -485,6 +497,7 @@ int main(int argc, char** argv) {
       {"N140-K260-D33-nonfinite", 140, 260, 33, 3},
       {"N40-K200-D5-identical", 40, 200, 5, 4},
       {"N60-K150-D16-zero-rows", 60, 150, 16, 5},
+      {"N20-K300-D4-signed-zeros", 20, 300, 4, 6},
   };
   if (!quick) cases.push_back({"N300-K511-D64-gauss", 300, 511, 64, 0});
   std::mt19937 rng(1234);
