@@ -88,7 +88,7 @@ def build_tokenizer(config: TrainConfig) -> nn.Module:
                               channel_multipliers=config.channel_multipliers,
                               num_res_blocks=config.res_blocks, z_channels=config.code_dim)
     return VQModel(Encoder(backbone), Decoder(backbone), build_quantizer(config),
-                   embed_dim=config.code_dim, z_channels=config.code_dim)
+                   embed_dim=config.code_dim)
 
 
 def build_model(config: TrainConfig, text_encoder) -> LGVQ:

@@ -6,6 +6,7 @@ distance matrix never exists. Semantics are those of lgvq_kernels.reference.near
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -13,6 +14,9 @@ import triton.language as tl
 
 # Read once, like triton.jit does when it decorates the kernels below.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# LGVQ_TRITON_AUTOTUNE=0: one heuristic config per shape instead of benchmarking up to 8 per
+# new (K, D, N bucket, dtype) on GPU (each costs a compile: tests, quick runs).
+_AUTOTUNE = os.environ.get("LGVQ_TRITON_AUTOTUNE", "1") != "0"
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -158,13 +162,14 @@ def _prune_gpu_configs(configs, named_args, **kwargs):
 
 # GPU only: triton.autotune's default benchmarking needs a device (the interpreter uses
 # _interpreter_blocks instead). Keyed on K, D, a power-of-2 bucket of N and the dtypes
-# (the autotuner appends tensor dtypes to the key). Not yet timed on a GPU.
+# (the autotuner appends tensor dtypes to the key). Configs checked with ptxas -v for sm_90:
+# no spills for fp16/bf16/tf32 (up to 128-wide kept x); not yet timed on a GPU.
 _nearest_code_kernel_autotuned = None if _INTERPRET else triton.autotune(
     configs=[
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-                             (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4),
-                             (128, 128, 4, 4)]
+        for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+                             (64, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                             (128, 128, 8, 3)]
     ],
     key=["K", "D", "N_BUCKET", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gpu_configs},
@@ -175,16 +180,26 @@ _nearest_code_kernel_autotuned = None if _INTERPRET else triton.autotune(
 # --------------------------------------------------------------------------------------------
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest padded D kept in registers across the codebook loop; above it D is looped in chunks.
-_KEEP_X_MAX_D = 128
-_CHUNK_D = 64
 
 
-def _block_d(dim: int) -> int:
-    padded = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dim >= 16
+def _block_d(dim: int, fma_dot: bool) -> int:
+    """D chunk: the whole padded D when it is small enough to keep the x tile in registers
+    across the codebook loop, else a chunk size. tl.dot needs every block dim >= 16."""
+    padded = max(16, triton.next_power_of_2(dim))
     if _INTERPRET:
-        return min(padded, 64)  # the broadcast product is BLOCK_N x BLOCK_D x BLOCK_K
-    return padded if padded <= _KEEP_X_MAX_D else _CHUNK_D
+        return min(padded, 64)  # the interpreter's x.c is a BLOCK_N x BLOCK_D x BLOCK_K product
+    # ptxas -v for sm_90 (Triton 3.9): fp16/bf16 and tf32 tiles of up to 128 x 128 codes keep a
+    # 128-wide x tile without spilling; fp32 "ieee" (FMA, no tensor cores) spills above 32.
+    keep_max, chunk = (32, 32) if fma_dot else (128, 64)
+    return padded if padded <= keep_max else chunk
+
+
+def _heuristic_config(num_rows: int, num_codes: int) -> dict:
+    """GPU tile when not autotuning: one of the autotuned configs, sized to the problem."""
+    block_n = 128 if num_rows >= 4096 else 64 if num_rows >= 64 else 32
+    block_k = 128 if num_codes >= 128 and block_n == 64 else 64
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n * block_k >= 8192 else 4,
+                num_stages=3)
 
 
 def _interpreter_blocks(num_rows: int, num_codes: int) -> tuple[int, int]:
@@ -235,10 +250,10 @@ def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
     if num_rows == 0:
         return indices, distances
 
-    block_d = _block_d(dim)
     # fp16/bf16 products are exact in the fp32 accumulator; precision only matters for fp32.
     input_precision = precision if x.dtype == torch.float32 else "ieee"
-    device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else _NoGuard()
+    block_d = _block_d(dim, fma_dot=x.dtype == torch.float32 and precision == "ieee")
+    device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext()
     with device_guard:
         if is_cosine:
             sqnorm = distances  # placeholder pointer, never read
@@ -260,16 +275,12 @@ def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
             block_n, block_k = _interpreter_blocks(num_rows, num_codes)
             grid = (triton.cdiv(num_rows, block_n),)
             _nearest_code_kernel[grid](*args, BLOCK_N=block_n, BLOCK_K=block_k, **meta)
-        else:
+        elif _AUTOTUNE:
             def grid(meta):
                 return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
             _nearest_code_kernel_autotuned[grid](*args, **meta)
+        else:
+            config = _heuristic_config(num_rows, num_codes)
+            grid = (triton.cdiv(num_rows, config["BLOCK_N"]),)
+            _nearest_code_kernel[grid](*args, **config, **meta)
     return indices, distances
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

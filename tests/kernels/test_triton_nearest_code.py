@@ -113,11 +113,18 @@ def check_against_reference(x, codebook, codebook_sqnorm, indices, distances, me
                                atol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def one_config_per_shape(monkeypatch):
+    """On a GPU the autotuner compiles and times up to 8 configs per new shape key; correctness
+    tests take the heuristic config (test_gpu_autotuned covers the autotuner)."""
+    monkeypatch.setattr(triton_nearest_code, "_AUTOTUNE", False)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """16 x 16 x 16 tiles: several row programs, several codebook tiles (the running-min merge)
     and the chunked-D loop on small shapes."""
-    monkeypatch.setattr(triton_nearest_code, "_block_d", lambda dim: 16)
+    monkeypatch.setattr(triton_nearest_code, "_block_d", lambda dim, fma_dot: 16)
     monkeypatch.setattr(triton_nearest_code, "_interpreter_blocks", lambda n, k: (16, 16))
 
 
@@ -133,9 +140,12 @@ def test_matches_oracle(n, k, d, dtype, metric):
     check_against_reference(x, codebook, None, indices, distances, metric)
 
 
+# Several programs and tiles cost ~1 s each interpreted: every shape in float32, one in 16-bit.
+@pytest.mark.parametrize("dtype, n, k, d", [
+    (torch.float32, 7, 37, 17), (torch.float32, 40, 37, 40), (torch.float32, 33, 50, 3),
+    (torch.float16, 40, 37, 40), (torch.bfloat16, 40, 37, 40),
+], ids=str)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n, k, d", [(7, 37, 17), (40, 37, 40), (33, 50, 3)])
 def test_small_blocks_merge_tiles(small_blocks, n, k, d, dtype, metric):
     x, codebook = make_inputs(n, k, d, dtype, metric, seed=7)
     indices, distances = nearest_code_forward(x, codebook, None, metric, "ieee")
@@ -175,10 +185,12 @@ def make_exact_inputs(n, k, d, dtype, metric, seed=0):
     return rows(n).to(DEVICE, dtype), rows(k).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("blocks", ["default", "small"])
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ties_go_to_lowest_index(request, blocks, dtype, metric):
+@pytest.mark.parametrize("dtype, metric, blocks", [
+    *[(dtype, metric, "default") for dtype in DTYPES for metric in ("l2", "cosine")],
+    (torch.float32, "l2", "small"), (torch.float32, "cosine", "small"),
+    (torch.bfloat16, "l2", "small"),
+], ids=str)
+def test_ties_go_to_lowest_index(request, dtype, metric, blocks):
     if blocks == "small":
         request.getfixturevalue("small_blocks")
     x, unique = make_exact_inputs(24, 5, 17, dtype, metric, seed=11)
@@ -195,6 +207,12 @@ def test_ties_go_to_lowest_index(request, blocks, dtype, metric):
             f"ties must go to the lowest index: got {indices.tolist()}, "
             f"expected {first_best.tolist()}")
         torch.testing.assert_close(distances.cpu().double(), best, rtol=0, atol=1e-6)
+    # Random duplicates: a code and its copies score bit-identically, so the first copy wins.
+    x, unique = make_inputs(24, 5, 17, dtype, metric, seed=13)
+    codebook = unique[(torch.arange(40) % 5).to(DEVICE)]
+    indices, distances = nearest_code_forward(x, codebook, None, metric, "ieee")
+    assert bool((indices < 5).all()), f"a tie went to a higher copy: {indices.tolist()}"
+    check_against_oracle(x, codebook, indices, distances, metric)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, NaN
@@ -240,3 +258,27 @@ def test_bad_inputs():
     empty_indices, empty_distances = nearest_code_forward(x[:0], codebook, None, "l2", "ieee")
     assert empty_indices.shape == (0,) and empty_indices.dtype == torch.int64
     assert empty_distances.shape == (0,) and empty_distances.dtype == torch.float32
+
+
+gpu_only = pytest.mark.skipif(INTERPRET, reason="GPU-sized shapes: too slow for the interpreter")
+
+
+@gpu_only
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k, d", [(1000, 511, 8), (5000, 511, 256), (1000, 1024, 100)])
+def test_gpu_larger_shapes(n, k, d, dtype, precision):
+    if precision == "tf32" and dtype != torch.float32:
+        pytest.skip("precision only changes float32 products")
+    x, codebook = make_inputs(n, k, d, dtype, "l2", seed=21)
+    indices, distances = nearest_code_forward(x, codebook, None, "l2", precision)
+    check_against_oracle(x, codebook, indices, distances, "l2", precision)
+
+
+@gpu_only
+def test_gpu_autotuned(monkeypatch):
+    monkeypatch.setattr(triton_nearest_code, "_AUTOTUNE", True)
+    for metric in ("l2", "cosine"):
+        x, codebook = make_inputs(1000, 511, 64, torch.float16, metric, seed=22)
+        indices, distances = nearest_code_forward(x, codebook, None, metric, "ieee")
+        check_against_oracle(x, codebook, indices, distances, metric)
