@@ -14,6 +14,9 @@
 # GPU_CHECK_SHAPES (default "gpu": see benchmarks/nearest_code.py), LGVQ_CUDA_ARCHS (default:
 # this GPU's compute capability), MAX_JOBS (default: number of CPUs).
 set -u
+# Correctness tests sweep many shapes: one heuristic Triton config each instead of autotuning
+# dozens (the report re-enables tuning for its timed runs).
+export LGVQ_TRITON_AUTOTUNE=${LGVQ_TRITON_AUTOTUNE:-0}
 cd "$(dirname "$0")/.." || exit 2
 
 PY=${PYTHON:-python3}
@@ -108,7 +111,7 @@ EOF
 }
 
 bench() {
-  "$PY" -m benchmarks.report --device cuda --ops nearest_code \
+  LGVQ_TRITON_AUTOTUNE=1 "$PY" -m benchmarks.report --device cuda --ops nearest_code \
     --shapes ${GPU_CHECK_SHAPES:-gpu} --dtypes float32 tf32 bfloat16 \
     --providers lgvq-native lgvq-triton torch-addmm-argmin gemm \
     --repeats 10 --max-case-seconds 2 --out "$RESULTS" --summary "$LOGS/short_table.md"
