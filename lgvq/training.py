@@ -207,9 +207,12 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> P
             now = time.perf_counter()
             throughput = (done - last_step) * config.batch_size / max(now - last_time, 1e-9)
             last_time, last_step = now, done
-            row = {"step": done, "loss": float(loss), "reconstruction": float(reconstruction_loss),
-                   "vq": float(vq_loss), "gsa": float(language.global_alignment),
-                   "mtp": float(language.masked_prediction), "ras": float(language.relation),
+            row = {"step": done, "loss": float(loss.detach()),
+                   "reconstruction": float(reconstruction_loss.detach()),
+                   "vq": float(vq_loss.detach()),
+                   "gsa": float(language.global_alignment.detach()),
+                   "mtp": float(language.masked_prediction.detach()),
+                   "ras": float(language.relation.detach()),
                    "psnr": float(_psnr(reconstruction.detach().float(), images)),
                    "images_per_second": throughput}
             _append_csv(metrics_path, row)
