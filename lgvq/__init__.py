@@ -1,3 +1,21 @@
 """lgvq: drop-in fast vector quantizers and LG-VQ language-guided codebook learning."""
 
+from lgvq.quantizers import (
+    ClusteredVectorQuantizer,
+    CodebookUsage,
+    LossBreakdown,
+    ResidualVQ,
+    TamingVectorQuantizer,
+    VectorQuantizer,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClusteredVectorQuantizer",
+    "CodebookUsage",
+    "LossBreakdown",
+    "ResidualVQ",
+    "TamingVectorQuantizer",
+    "VectorQuantizer",
+]

@@ -166,8 +166,8 @@ def _check_index_range(name: str, indices: Tensor, num_codes: int) -> None:
     """Raise if an index is outside [0, num_codes). Checked on CPU tensors only, where it costs
     no device synchronisation; GPU kernels guard their loads instead (an out-of-range row reads
     zeros and contributes nothing)."""
-    if indices.device.type != "cpu" or indices.numel() == 0:
-        return
+    if torch.compiler.is_compiling() or indices.device.type != "cpu" or indices.numel() == 0:
+        return  # (a data-dependent host read cannot be traced; compiled callers skip it)
     low, high = int(indices.min()), int(indices.max())
     if low < 0 or high >= num_codes:
         bad = low if low < 0 else high
