@@ -187,8 +187,9 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
         codebook     = embed_sum / smoothed          (codes with smoothed == 0 keep their value)
     Dead codes (cluster_size < dead_threshold after the update, when dead_threshold > 0 and
     replacement is given): replacement [K, D] holds a candidate vector per code (drawn from the
-    batch by the caller); a dead code k gets codebook[k] = embed_sum[k] = replacement[k] and
-    cluster_size[k] = 1, so that its stale EMA state cannot pull it back.
+    batch by the caller); a dead code k gets embed_sum[k] = replacement[k] and cluster_size[k] = 1
+    (so codebook[k] = replacement[k] / smoothed[k], about replacement[k]), so that its stale EMA
+    state cannot pull it back.
     Returns the dead-code mask [K] bool (all False when no replacement). No host sync.
     """
     dim = codebook.shape[1]
