@@ -37,6 +37,7 @@ class TrainConfig:
     text_encoder: str = "minilm"  # minilm, or a local CLIP/BERT folder
     max_text_length: int = 30  # text tokens kept per caption
     mask_before_encoding: bool = False  # mask words, then encode (honest) vs paper behaviour
+    text_cache: str = ""  # safetensors file of pre-encoded training captions (shared by runs)
     # --- optimisation -----------------------------------------------------------------------
     steps: int = 400  # optimisation steps
     batch_size: int = 32  # images per step

@@ -159,7 +159,12 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> P
     text_encoder = text_encoder or load_text_encoder(config.text_encoder,
                                                      max_length=config.max_text_length)
     text_encoder.to(device)
-    text_cache = TextFeatureCache(text_encoder)
+    if config.text_cache and config.dataset == "shapes":
+        # the frozen encoder's features of every training caption, computed once and shared
+        captions = [c for i in range(len(dataset)) for c in dataset[i]["captions"]]
+        text_cache = TextFeatureCache.build(text_encoder, captions, config.text_cache)
+    else:
+        text_cache = TextFeatureCache(text_encoder)
     model = build_model(config, text_encoder).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                  betas=tuple(config.adam_betas))
