@@ -131,3 +131,81 @@ def test_bad_input(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=pattern):
         lgvq_kernels.relation_alignment_loss(**args)
+
+
+def _tied(dtype=torch.float32):
+    """Visual token 1 repeated at positions 4 and 6; words 0, 2 and 3 point along it (ties
+    between the copies; three words share one position), word 1 along token 5 (scaled)."""
+    words, visual, codes, mask = make(2, 5, 8, 24, dtype=torch.float32, seed=3)
+    visual[:, 4] = visual[:, 1]
+    visual[:, 6] = visual[:, 1]
+    words[:, 0] = 3 * visual[:, 1]
+    words[:, 2] = 0.5 * visual[:, 1]
+    words[:, 3] = visual[:, 1]
+    words[:, 1] = 2 * visual[:, 5]
+    mask[:] = True
+    return words.to(dtype), visual.to(dtype), codes.to(dtype), mask
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_ties_go_to_the_first_position_and_shared_positions_sum(backend, dtype):
+    words, visual, codes, mask = _tied(dtype)
+    codes.requires_grad_(True)
+    result = lgvq_kernels.relation_alignment_loss(words, visual, codes, mask, backend=backend)
+    assert result.chosen[:, [0, 2, 3]].eq(1).all() and result.chosen[:, 1].eq(5).all()
+    result.loss.backward()
+    oracle_codes = codes.detach().double().requires_grad_(True)
+    expected = paper_loop_oracle(words, visual, oracle_codes, mask)
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(result.loss.double(), expected.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(codes.grad.double(), oracle_codes.grad, rtol=tol, atol=tol)
+    assert codes.grad[:, [4, 6]].eq(0).all()  # the later copies get nothing
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_deterministic(backend):
+    words, visual, codes, mask = make(5, 9, 33, 20, seed=11)
+    grad_loss = torch.tensor(0.7)
+    backward = torch.ops.lgvq.relation_alignment_loss_backward
+    first = backward(grad_loss, words, visual, codes, mask, backend)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the native per-sample split must not change the bits
+        second = backward(grad_loss, words, visual, codes, mask, backend)
+        loss_one_thread = torch.ops.lgvq.relation_alignment_loss(words, visual, codes, mask,
+                                                                 backend)[0]
+    finally:
+        torch.set_num_threads(threads)
+    loss = torch.ops.lgvq.relation_alignment_loss(words, visual, codes, mask, backend)[0]
+    assert torch.equal(first, second) and torch.equal(loss, loss_one_thread)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_input_dtypes_compute_like_codes(backend):
+    # Outside autocast the inputs may differ in dtype: everything computes in codes' type.
+    words, visual, codes, mask = make(2, 6, 9, 8, seed=5)
+    loss = lgvq_kernels.relation_alignment_loss(words.bfloat16(), visual.half(), codes, mask,
+                                                backend=backend).loss
+    expected = paper_loop_oracle(words.bfloat16().float(), visual.half().float(), codes, mask)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 30, 64, 17), (32, 30, 256, 384)])
+def test_cuda_matches_cpu_reference(backend, shape):
+    words, visual, codes, mask = make(*shape, seed=sum(shape))
+    codes_cuda = codes.cuda().requires_grad_(True)
+    got = lgvq_kernels.relation_alignment_loss(words.cuda(), visual.cuda(), codes_cuda,
+                                               mask.cuda(), backend=backend)
+    got.loss.backward()
+    codes_cpu = codes.clone().requires_grad_(True)
+    want = lgvq_kernels.relation_alignment_loss(words, visual, codes_cpu, mask,
+                                                backend="reference")
+    want.loss.backward()
+    torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(codes_cuda.grad.cpu(), codes_cpu.grad, rtol=1e-3, atol=1e-6)
+    assert torch.equal(got.chosen.cpu(), want.chosen)

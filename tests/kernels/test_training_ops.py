@@ -293,3 +293,36 @@ def test_out_of_range_indices_raise_instead_of_reading_out_of_bounds(backend):
             lgvq_kernels.quantize_straight_through(x, codebook, indices, backend=backend)
         with pytest.raises(ValueError, match=rf"indices must lie in \[0, 5\), found {bad}"):
             lgvq_kernels.codebook_statistics(x, indices, 5, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (300, 37, 64), (4099, 1024, 256)])
+def test_training_ops_on_cuda_match_the_cpu_reference(backend, dtype, n, k, d):
+    x, codebook, indices, mask = make_problem(n, k, d, dtype, seed=n + k, with_mask=True)
+    xc = x.cuda().requires_grad_(True)
+    cc = codebook.cuda().requires_grad_(True)
+    out = lgvq_kernels.quantize_straight_through(xc, cc, indices.cuda(), mask=mask.cuda(),
+                                                 backend=backend)
+    (out.quantized.float().sum() + 0.3 * out.commitment_loss + out.codebook_loss).backward()
+    xr = x.clone().requires_grad_(True)
+    cr = codebook.clone().requires_grad_(True)
+    ref = lgvq_kernels.quantize_straight_through(xr, cr, indices, mask=mask, backend="reference")
+    (ref.quantized.float().sum() + 0.3 * ref.commitment_loss + ref.codebook_loss).backward()
+    torch.testing.assert_close(out.commitment_loss.cpu(), ref.commitment_loss, rtol=1e-4,
+                               atol=1e-5)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(xc.grad.cpu().float(), xr.grad.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(cc.grad.cpu().float(), cr.grad.float(), rtol=tol, atol=tol)
+    stats = lgvq_kernels.codebook_statistics(x.cuda(), indices.cuda(), k, backend=backend)
+    again = lgvq_kernels.codebook_statistics(x.cuda(), indices.cuda(), k, backend=backend)
+    assert torch.equal(stats, again), "CUDA statistics are not deterministic"
+    expected = lgvq_kernels.codebook_statistics(x, indices, k, backend="reference")
+    torch.testing.assert_close(stats.cpu(), expected, rtol=1e-4, atol=1e-3)
+    state = [torch.ones(k), codebook.float().clone(), codebook.float().clone()]
+    gpu_state = [t.cuda() for t in state]
+    lgvq_kernels.codebook_ema_update_(expected, *state, decay=0.9, backend="reference")
+    lgvq_kernels.codebook_ema_update_(stats, *gpu_state, decay=0.9, backend=backend)
+    for got, want in zip(gpu_state, state):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
