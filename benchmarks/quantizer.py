@@ -80,7 +80,7 @@ def _step(layer, x: torch.Tensor, mode: str):
 def _targets(rows):
     by_case = {}
     for row in rows:
-        by_case.setdefault((row.shape_label, row.dtype), {})[row.provider] = row
+        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
     targets = []
     for n, k, d in ((16384, 1024, 256), (16384, 16384, 256)):
         label = f"{n}x{k}x{d} train"

@@ -245,13 +245,16 @@ def _meta(length: int, positions: int, width: int) -> dict:
         # similarity is a BLOCK_L x BLOCK_M x BLOCK_C broadcast product there).
         block_m = min(128, max(16, triton.next_power_of_2(positions)))
         block_c = min(128, max(16, triton.next_power_of_2(width)))
+        num_warps = 4
     else:
-        # Registers: the [BLOCK_L, BLOCK_M] scores and [BLOCK_M, BLOCK_C] tiles. Not yet timed
-        # on a GPU.
-        block_m = 64 if block_l <= 64 else 32
-        block_c = min(64, max(16, triton.next_power_of_2(width)))
+        # Picked without spills from ptxas -v of both kernels for sm_90a (fp32 ieee dots are
+        # FMA dots, register-heavy): BLOCK_L <= 32: 198/192 registers, no spills; 64: 190/255
+        # registers, 0/12 bytes spilled. From 128 on the [BLOCK_L, BLOCK_L] Gram tiles spill
+        # whatever the blocks (correct, slower). Not yet timed on a GPU.
+        block_m, block_c, num_warps = {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 16, 8)}.get(
+            block_l, (16, 16, 16))
     return dict(C=width, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_C=block_c,
-                INTERPRETING=_INTERPRET, num_warps=4 if block_l <= 32 else 8)
+                INTERPRETING=_INTERPRET, num_warps=num_warps)
 
 
 def _strides(words, visual, codes, word_mask) -> tuple[int, ...]:
