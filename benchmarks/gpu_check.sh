@@ -115,6 +115,9 @@ bench() {
     --shapes ${GPU_CHECK_SHAPES:-gpu} --dtypes float32 tf32 bfloat16 \
     --providers lgvq-native lgvq-triton torch-addmm-argmin gemm \
     --repeats 10 --max-case-seconds 2 --out "$RESULTS" --summary "$LOGS/short_table.md"
+  "$PY" -m benchmarks.report --device cuda --ops quantizer --shapes gpu --dtypes float32 \
+    --providers lgvq-native lgvq-triton vqp --repeats 5 --max-case-seconds 2 --no-memory \
+    --out "$RESULTS" --summary "$LOGS/short_table_quantizer.md"
 }
 
 export -f environment build bench
@@ -132,6 +135,7 @@ if [[ -n ${OUT:-} ]]; then
   find "$RESULTS" -maxdepth 1 -type f -newer "$LOGS/.start" -exec cp {} "$OUT/results/" \;
   cp "$LOGS"/*.log "$OUT/logs/" 2>/dev/null
   [[ -f $LOGS/short_table.md ]] && cp "$LOGS/short_table.md" "$OUT/"
+  [[ -f $LOGS/short_table_quantizer.md ]] && cp "$LOGS/short_table_quantizer.md" "$OUT/"
   echo "copied results and logs to $OUT"
 fi
 
@@ -141,6 +145,7 @@ printf '%s\n' "${SUMMARY[@]}"
 echo
 if [[ -f $LOGS/short_table.md ]]; then
   cat "$LOGS/short_table.md"
+  [[ -f $LOGS/short_table_quantizer.md ]] && cat "$LOGS/short_table_quantizer.md"
 else
   echo "(no benchmark table: the bench step did not get far enough)"
 fi
