@@ -5,8 +5,7 @@
 // shuffle reached by only part of a warp, or a barrier not reached by every thread (including a
 // thread that exited), is reported as a deadlock. __shared__ arrays are statics (blocks run one
 // after another). Built with -fsanitize=address it catches out-of-bounds global and shared
-// accesses. The fiber core is the one of emulate_nearest_code.cpp; this header adds the device
-// intrinsics the training-op kernels use.
+// accesses. Shared by emulate_nearest_code.cpp and emulate_training_ops.cpp.
 //
 // Include it in exactly one translation unit (it defines the emulator's globals), before the .cu
 // under test, with that .cu's *_KERNELS_ONLY macro defined. Build with -ffp-contract=off so that
@@ -240,6 +239,11 @@ inline unsigned int __float_as_uint(float f) {
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
   const unsigned long long old = *address;  // one OS thread: no other writer in between
   *address = old + value;
+  return old;
+}
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;  // one OS thread: no other writer in between
+  if (value < old) *address = value;
   return old;
 }
 inline int __float_as_int(float f) {
