@@ -303,15 +303,20 @@ def available_memory_bytes() -> int:
     return value
 
 
-def _meminfo(key: str) -> int | None:
+def _proc_field_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" field of a /proc file in bytes, or None where it cannot be read."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _meminfo(key: str) -> int | None:
+    return _proc_field_bytes("/proc/meminfo", key)
 
 
 def describe_device(device: torch.device) -> str:
@@ -450,14 +455,7 @@ _WORKER_TAG = "@@lgvq-memory "
 
 
 def _proc_status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_field_bytes("/proc/self/status", key)
 
 
 def _reset_peak_rss() -> bool:
