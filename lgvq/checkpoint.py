@@ -42,12 +42,17 @@ def _unflatten_optimizer(prefix: str, meta: dict, tensors: dict[str, torch.Tenso
 
 def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                     optimizers: dict[str, torch.optim.Optimizer], step: int, config: dict,
-                    extra: dict | None = None) -> Path:
-    """Write everything needed for an exact resume to ``path`` atomically."""
+                    extra: dict | None = None,
+                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write everything needed for an exact resume to ``path`` atomically. ``modules``: other
+    trained modules (e.g. the discriminator), stored under ``module.<name>.``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().clone()
                for k, v in model.state_dict().items()}
+    for name, module in (modules or {}).items():
+        tensors.update({f"module.{name}.{k}": v.detach().contiguous().clone()
+                        for k, v in module.state_dict().items()})
     optimizer_meta = {name: _flatten_optimizer(f"optim.{name}", opt, tensors)
                       for name, opt in optimizers.items()}
     tensors["rng.torch"] = torch.get_rng_state()
@@ -96,9 +101,10 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
 
 def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                     optimizers: dict[str, torch.optim.Optimizer] | None = None,
-                    restore_rng: bool = True) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and optimizers).
-    Returns its metadata (step, config, extra)."""
+                    restore_rng: bool = True,
+                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and optimizers and
+    other ``modules``). Returns its metadata (step, config, extra)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -110,6 +116,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
     tensors = load_file(str(path))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
+    for name, module in (modules or {}).items():
+        marker = f"module.{name}."
+        module_state = {k[len(marker):]: v for k, v in tensors.items() if k.startswith(marker)}
+        if not module_state and list(module.state_dict()):
+            raise KeyError(f"checkpoint {path} has no module {name!r}")
+        module.load_state_dict(module_state)
     for name, optimizer in (optimizers or {}).items():
         if name not in optimizer_meta:
             raise KeyError(f"checkpoint {path} has no optimizer {name!r}")

@@ -48,14 +48,16 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
     from lgvq.training import build_dataset
 
     model.eval()
+    trained = "masked_encoding" if config.mask_before_encoding else "paper_encoding"
     device = next(model.parameters()).device
     dataset = build_dataset(config, "val")
     count = min(len(dataset), images or len(dataset))
     usage = CodebookUsageMeter(config.codebook_size)
-    recall = {k: MaskedWordRecallMeter() for k in (1, 3)}
+    recall = {(protocol, k): MaskedWordRecallMeter()
+              for protocol in ("masked_encoding", "paper_encoding", "shuffled_images")
+              for k in (1, 3)}
     relation = RelationMSEMeter()
     psnr_sum, image_embeddings, text_embeddings = 0.0, [], []
-    generator = torch.Generator().manual_seed(seed)
     grid = None
     for start in range(0, count, batch_size):
         batch = collate_captioned_images([dataset[i] for i in range(start, min(count,
@@ -78,17 +80,24 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
         text_embeddings.append(text.global_features.cpu())
         candidates = _candidate_words(config, text_encoder, text)
 
-        def predict(masked_ids, masked, text=text, zq_st=zq_st):
-            features = text.token_features
-            if config.mask_before_encoding:
-                features = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
-                                                   text.special_mask).token_features
-            return model.predict_masked_words(zq_st, features, masked.to(device),
-                                              text.attention_mask)
+        for protocol in ("masked_encoding", "paper_encoding", "shuffled_images"):
+            # shuffled_images: the training protocol with each caption scored against the tokens
+            # of another image: how much of the recall comes from the image at all
+            def predict(masked_ids, masked, text=text,
+                        protocol=trained if protocol == "shuffled_images" else protocol,
+                        tokens=zq_st.roll(1, 0) if protocol == "shuffled_images" else zq_st):
+                features = text.token_features  # the paper: context from the unmasked caption
+                if protocol == "masked_encoding":  # mask, then encode: no leak of the words
+                    features = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
+                                                       text.special_mask).token_features
+                return model.predict_masked_words(tokens, features, masked.to(device),
+                                                  text.attention_mask)
 
-        for k, meter in recall.items():
-            meter.update(masked_word_recall(predict, text.ids, text.attention_mask, candidates,
-                                            k, generator, mask_token_id=text_encoder.mask_token_id))
+            for k in (1, 3):
+                recall[protocol, k].update(masked_word_recall(
+                    predict, text.ids, text.attention_mask, candidates, k,
+                    torch.Generator().manual_seed(seed + 7 * start + k),
+                    mask_token_id=text_encoder.mask_token_id))
     codebook = usage.compute()
     retrieval = retrieval_accuracy(torch.cat(image_embeddings), torch.cat(text_embeddings))
     if out_dir is not None and grid is not None:
@@ -98,8 +107,11 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
         "psnr_db": psnr_sum / max(count, 1),
         "codebook_usage": float(codebook.used_fraction),
         "perplexity": float(codebook.perplexity),
-        "recall_at_1_one_word": recall[1].compute().recall,
-        "recall_at_1_three_words": recall[3].compute().recall,
+        # Recall@1 under the protocol the model was trained with, then under both
+        "recall_at_1_one_word": recall[trained, 1].compute().recall,
+        "recall_at_1_three_words": recall[trained, 3].compute().recall,
+        **{f"recall_at_1_{'one_word' if k == 1 else 'three_words'}_{protocol}":
+           meter.compute().recall for (protocol, k), meter in recall.items()},
         "relation_mse": relation.compute(),
         **{f"retrieval_{k}": float(v) for k, v in retrieval.items()},
     }

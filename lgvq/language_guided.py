@@ -57,17 +57,19 @@ class LGVQ(nn.Module):
       token_embedding: the frozen encoder's ``[V, C_emb]`` table for the tied MLM head.
       language_guidance: False trains the heads as probes on detached tokens (baseline).
       backend: kernel backend for the relation op.
+      visual_width: width of the visual-token encoder (None: code_dim, as in the paper).
     """
 
     def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
                  global_width: int, max_length: int, token_embedding: Tensor,
                  weights: LanguageLossWeights | None = None, language_guidance: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", visual_width: int | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.weights = weights or LanguageLossWeights()
         self.language_guidance = language_guidance
-        self.visual_encoder = VisualTokenEncoder(code_dim, num_tokens, text_width)
+        self.visual_encoder = VisualTokenEncoder(code_dim, num_tokens, text_width,
+                                                 width=visual_width or None)
         self.cls_to_global = (nn.Identity() if global_width == text_width
                               else nn.Linear(text_width, global_width, bias=False))
         self.text_decoder = MaskedTextDecoder(text_width, max_length)

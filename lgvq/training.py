@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lgvq.checkpoint import load_checkpoint, save_checkpoint
@@ -91,15 +90,34 @@ def build_tokenizer(config: TrainConfig) -> nn.Module:
                    embed_dim=config.code_dim)
 
 
+def build_loss(config: TrainConfig) -> nn.Module:
+    """The backbone's objective: L1 + VQ for ``vqvae``; for ``vqgan`` also LPIPS (when
+    ``lpips_weights`` exists locally, else a warning) and the adaptive-weight hinge PatchGAN
+    term from step ``disc_start`` on (lgvq.models.VQGANLoss)."""
+    from lgvq.models.discriminator import PatchDiscriminator, VQGANLoss
+    from lgvq.models.lpips import LPIPS
+
+    if config.backbone == "vqvae":
+        return VQGANLoss(None, None)
+    if config.backbone != "vqgan":
+        raise ValueError(f"backbone must be vqvae or vqgan, got {config.backbone!r}")
+    discriminator = PatchDiscriminator(base_channels=config.disc_channels,
+                                       num_layers=config.disc_layers)
+    return VQGANLoss(discriminator, LPIPS(config.lpips_weights or None),
+                     disc_start=config.disc_start, disc_weight=config.disc_weight)
+
+
 def build_model(config: TrainConfig, text_encoder) -> LGVQ:
     tokenizer = build_tokenizer(config)
     grid = config.image_size // 2 ** (len(config.channel_multipliers) - 1)
-    weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma)
+    weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+                                  temperature=config.temperature)
     return LGVQ(tokenizer, code_dim=config.code_dim, num_tokens=grid * grid,
                 text_width=text_encoder.width, global_width=text_encoder.global_dim,
                 max_length=text_encoder.max_length,
                 token_embedding=text_encoder.token_embedding, weights=weights,
-                language_guidance=config.language_guidance, backend=config.backend)
+                language_guidance=config.language_guidance, backend=config.backend,
+                visual_width=config.visual_width)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,12 +154,76 @@ def mask_words(text_encoder, text, config: TrainConfig, step: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# data parallel (torchrun)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Parallel:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch of ``batch_size``."""
+        if batch_size % self.world:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
+                             f"processes ({self.world})")
+        per_rank = batch_size // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def average_gradients(self, parameters) -> None:
+        """Average the gradients of ``parameters`` over ranks with one flat all-reduce (a
+        parameter without a gradient on this rank contributes zeros, so every rank sends the
+        same layout)."""
+        if self.world == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        parameters = [p for p in parameters if p.requires_grad]
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        grads = [p.grad for p in parameters]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+
+def init_parallel(device: torch.device) -> tuple[Parallel, torch.device]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, nccl
+    on CUDA (one GPU per local rank). A single process needs no launcher."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Parallel(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Parallel(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+
+
+# ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> Path:
-    """Train (or resume) LG-VQ / the baseline per ``config``; returns the checkpoint path."""
+def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
+          log_prefix: str | None = None) -> Path:
+    """Train (or resume) LG-VQ / the baseline per ``config``; returns the checkpoint path.
+
+    progress: a tqdm bar; log_prefix: instead (or as well), print one line per metrics row.
+    """
     from tqdm import tqdm
 
     from lgvq.evaluation.report import save_image_grid
@@ -149,11 +231,12 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> P
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    parallel, device = init_parallel(resolve_device(config.device))
+    rows = parallel.shard(config.batch_size)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
 
     dataset = build_dataset(config, "train")
     text_encoder = text_encoder or load_text_encoder(config.text_encoder,
@@ -162,59 +245,98 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> P
     if config.text_cache and config.dataset == "shapes":
         # the frozen encoder's features of every training caption, computed once and shared
         captions = [c for i in range(len(dataset)) for c in dataset[i]["captions"]]
+        if not parallel.main:
+            parallel.barrier()  # rank 0 writes the file, the others read it
         text_cache = TextFeatureCache.build(text_encoder, captions, config.text_cache)
+        if parallel.main:
+            parallel.barrier()
     else:
         text_cache = TextFeatureCache(text_encoder)
     model = build_model(config, text_encoder).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
-                                 betas=tuple(config.adam_betas))
+    objective = build_loss(config).to(device)
+    heads = list(model.head_parameters())
+    optimizer = torch.optim.Adam(
+        [{"params": list(model.tokenizer.parameters())},
+         {"params": heads, "lr": config.head_learning_rate or config.learning_rate}],
+        lr=config.learning_rate, betas=tuple(config.adam_betas))
     optimizers = {"model": optimizer}
+    modules = {}
+    if objective.discriminator is not None:
+        modules["discriminator"] = objective.discriminator
+        optimizers["discriminator"] = torch.optim.Adam(
+            objective.discriminator.parameters(),
+            lr=config.disc_learning_rate or config.learning_rate, betas=tuple(config.adam_betas))
 
     start_step = 0
     if config.resume and checkpoint_path.exists():
-        meta = load_checkpoint(checkpoint_path, model=model, optimizers=optimizers)
+        meta = load_checkpoint(checkpoint_path, model=model, optimizers=optimizers,
+                               modules=modules)
         start_step = meta["step"]
-    elif checkpoint_path.exists():
+    elif checkpoint_path.exists() and parallel.main:
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or "
                               "choose another --out_dir")
 
+    if parallel.world > 1:  # dropout differs per rank; initial weights came from the seed
+        torch.manual_seed(config.seed + 7919 * parallel.rank + start_step)
     metrics_path = out_dir / "metrics.csv"
-    _truncate_csv(metrics_path, start_step)  # rows logged after the checkpoint are redone
+    if parallel.main:
+        _truncate_csv(metrics_path, start_step)  # rows logged after the checkpoint are redone
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
-               disable=not progress, desc="lgvq-train" if config.language_guidance else "vq-train")
+               disable=not progress or not parallel.main, desc="lgvq-train" if config.language_guidance else "vq-train")
     last_time, last_step = time.perf_counter(), start_step
     model.train()
     for step in bar:
+        # the global batch, captions and masks are drawn alike on every rank; each keeps its rows
         batch = load_batch(dataset, config, step)
-        images = batch.images.to(device)
-        text = text_cache.encode(batch.captions, device=device)
+        text = text_cache.encode(batch.captions)
         masked_ids, masked = mask_words(text_encoder, text, config, step)
-        masked = masked.to(device)
+        images = batch.images[rows].to(device)
+        text = text.index_select(torch.arange(config.batch_size)[rows]).to(device)
+        masked_ids, masked = masked_ids[rows], masked[rows].to(device)
         masked_text = None
         if config.mask_before_encoding:
             masked_text = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
                                                   text.special_mask)
         with autocast:
             z_e, zq_st, indices, vq_loss, _ = model.tokenizer.encode(images)
-            reconstruction = model.tokenizer.decode(zq_st)
-            reconstruction_loss = F.l1_loss(reconstruction.float(), images)
+            reconstruction = model.tokenizer.decode(zq_st).float()
+            backbone_loss, logs = objective.generator_loss(
+                images, reconstruction, vq_loss, step, last_layer=model.tokenizer.last_layer)
             language = model.language_losses(zq_st, text, masked, masked_text)
-            loss = reconstruction_loss + vq_loss + language.total
+            loss = backbone_loss + language.total
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients(model.parameters())
         optimizer.step()
+        discriminator_loss = None
+        if objective.discriminator_active(step):  # hinge step on real vs detached reconstructions
+            with autocast:
+                discriminator_loss, _ = objective.discriminator_loss(images, reconstruction, step)
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            discriminator_loss.backward()
+            parallel.average_gradients(objective.discriminator.parameters())
+            optimizers["discriminator"].step()
 
         done = step + 1
+        if not parallel.main:
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                parallel.barrier()  # nobody moves on before the checkpoint is written
+            continue
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             throughput = (done - last_step) * config.batch_size / max(now - last_time, 1e-9)
             last_time, last_step = now, done
             row = {"step": done, "loss": float(loss.detach()),
-                   "reconstruction": float(reconstruction_loss.detach()),
+                   "reconstruction": float(logs["pixel_loss"]),
+                   "perceptual": float(logs["perceptual_loss"]),
                    "vq": float(vq_loss.detach()),
+                   "generator": float(logs["generator_loss"]),
+                   "adaptive_weight": float(logs["adaptive_weight"]),
+                   "discriminator": (float(discriminator_loss.detach())
+                                     if discriminator_loss is not None else 0.0),
                    "gsa": float(language.global_alignment.detach()),
                    "mtp": float(language.masked_prediction.detach()),
                    "ras": float(language.relation.detach()),
@@ -223,12 +345,17 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True) -> P
             _append_csv(metrics_path, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}",
                             img_s=f"{throughput:.0f}")
+            if log_prefix is not None:
+                print(f"{log_prefix}: step {done}/{config.steps} loss {row['loss']:.4f} "
+                      f"psnr {row['psnr']:.1f} dB mtp {row['mtp']:.3f} ras {row['ras']:.4f} "
+                      f"{throughput:.0f} img/s", flush=True)
         if done % config.sample_every == 0 or done == config.steps:
-            grid = torch.cat([images[:8], reconstruction.detach().float()[:8]]).cpu()
+            grid = torch.cat([images[:8], reconstruction.detach()[:8]]).cpu()
             save_image_grid(grid, out_dir / f"reconstruction_{done:06d}.png", nrow=8)
         if done % config.checkpoint_every == 0 or done == config.steps:
             save_checkpoint(checkpoint_path, model=model, optimizers=optimizers, step=done,
-                            config=config.to_dict())
+                            config=config.to_dict(), modules=modules)
+            parallel.barrier()
     return checkpoint_path
 
 
@@ -266,4 +393,4 @@ def _append_csv(path: Path, row: dict) -> None:
         os.fsync(stream.fileno())
 
 
-__all__ = ["train", "build_model", "batch_indices", "step_generator", "CHECKPOINT_NAME"]
+__all__ = ["train", "build_model", "build_loss", "batch_indices", "step_generator", "CHECKPOINT_NAME"]

@@ -125,3 +125,73 @@ def test_cli_reports_bad_arguments_without_a_traceback():
     result = subprocess.run([sys.executable, "-m", "lgvq", "eval", "/no/such/file"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "/no/such/file" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_match_one_process_on_the_whole_batch(tmp_path):
+    """Data parallel with gloo: 2 processes with 4 images each train the baseline tokenizer like
+    one process with the batch of 8: its losses are per-image means and the gradients are
+    averaged. (A learnable codebook: k-means init and dead-code re-seeding sample rows of the
+    local batch, so with the EMA quantizer the runs legitimately differ.)"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--steps=6", "--checkpoint_every=3", "--language_guidance=false",
+              "--quantizer=learnable"]
+    single = tmp_path / "single"
+    subprocess.run(_train_command(single, *common), check=True, env=env, cwd=ROOT, timeout=600)
+    parallel = tmp_path / "parallel"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "lgvq", "train", "--preset=shapes-tiny",
+                f"--out_dir={parallel}", "--threads=1", *common]
+    subprocess.run(launcher, check=True, env=env, cwd=ROOT, timeout=600)
+
+    assert read_checkpoint_metadata(parallel / "last.safetensors")["step"] == 6
+    one, two = _tensors(single / "last.safetensors"), _tensors(parallel / "last.safetensors")
+    assert one.keys() == two.keys()
+    tokenizer = [k for k in one if k.startswith("model.tokenizer.") and one[k].is_floating_point()]
+    assert tokenizer
+    difference = torch.cat([(two[k].double() - one[k].double()).abs().flatten()
+                            for k in tokenizer])
+    # Adam turns float-rounding noise in (near-)zero gradients (conv biases before GroupNorm)
+    # into steps of up to lr, so a few weights differ by <= lr * steps; gradients that were not
+    # averaged (half the batch per rank) would move almost every weight differently.
+    assert float((difference <= 1e-5).double().mean()) > 0.99
+    assert float(difference.max()) <= 2 * 4e-4 * 6
+    rows = (parallel / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [5, 6]
+
+
+@pytest.mark.slow
+def test_vqgan_backbone_trains_its_discriminator_and_resumes(tmp_path):
+    """backbone=vqgan: the PatchGAN starts at disc_start, is checkpointed with its optimizer, a
+    resumed run continues bit for bit; without LPIPS weights the run warns and goes on."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    common = ["--backbone=vqgan", "--disc_start=3", "--disc_channels=8", "--disc_layers=2",
+              "--log_every=1", "--steps=6", "--checkpoint_every=2"]
+    straight = tmp_path / "straight"
+    result = subprocess.run(_train_command(straight, *common), env=env, cwd=ROOT, timeout=600,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LPIPS weights not found" in result.stderr
+    tensors = _tensors(straight / "last.safetensors")
+    assert any(k.startswith("optim.discriminator.") for k in tensors)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(straight / "last.safetensors"))
+    assert any(k.startswith("module.discriminator.") for k in saved)
+    rows = (straight / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    table = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    assert [int(row["step"]) for row in table] == [1, 2, 3, 4, 5, 6]
+    for row in table[:3]:  # steps 0-2: before disc_start
+        assert float(row["discriminator"]) == 0.0 and float(row["adaptive_weight"]) == 0.0
+    for row in table[3:]:
+        assert float(row["discriminator"]) > 0.0 and float(row["adaptive_weight"]) > 0.0
+
+    resumed = tmp_path / "resumed"
+    subprocess.run(_train_command(resumed, *common[:-2], "--steps=4", "--checkpoint_every=2"),
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    subprocess.run(_train_command(resumed, *common, "--resume"), check=True, env=env, cwd=ROOT,
+                   timeout=600, capture_output=True)
+    got = _tensors(resumed / "last.safetensors")
+    different = [k for k in tensors if not torch.equal(tensors[k], got[k])]
+    assert not different, f"resumed vqgan run differs in {different[:5]}"

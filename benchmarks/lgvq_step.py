@@ -1,0 +1,160 @@
+"""One LG-VQ training step against the same backbone's step without language losses.
+
+Shape dict: {"model": "shapes" | "paper", "B": images per step}.
+  shapes  the demo's tokenizer: 32x32 images, 8x8 tokens, K=128, D=32 (lgvq.config "shapes")
+  paper   the paper's VQGAN: 256x256 images, f=16 (16x16 tokens), 128 base channels, K=1024,
+          D=256 (lgvq.config "cub" without the discriminator, which starts at step 10,000)
+Inputs: captioned-shapes images resized to the model's size and one caption each, encoded once
+by the frozen MiniLM outside the timing (training reads cached features the same way).
+
+Providers (each times forward + backward + Adam step of everything it trains):
+  vq             the backbone alone: encoder, quantizer, decoder; L1 + VQ loss
+  lgvq           + the three language losses (visual-token encoder, InfoNCE, masked decoder and
+                 tied MLM head, fused relation loss) on cached text features
+  lgvq-masked    as lgvq with mask_before_encoding: the masked captions are re-encoded by the
+                 frozen text encoder every step (the honest masked-word task)
+  probes         the demo's baseline: the backbone plus the same heads on detached tokens
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from benchmarks import harness
+
+MODELS = {
+    "shapes": ("shapes", {}),
+    "paper": ("cub", {"dataset": "shapes", "train_images": 64}),
+}
+
+SHAPE_SETS = {
+    "quick": [{"model": "shapes", "B": 16}],
+    "full": [{"model": "shapes", "B": 16}, {"model": "paper", "B": 2}],
+    "gpu": [{"model": "paper", "B": 8}],
+    "bench": [{"model": "shapes", "B": 16}],
+}
+
+
+def shape_label(shape: dict) -> str:
+    return f"{shape['model']} B{shape['B']}"
+
+
+def parse_shape(text: str) -> dict:
+    match = re.fullmatch(r"\s*(shapes|paper)\s*:\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"lgvq_step shape {text!r}: write shapes:B or paper:B")
+    return {"model": match.group(1), "B": int(match.group(2))}
+
+
+def input_bytes(shape: dict, dtype: str) -> int:
+    from lgvq.config import build_config
+
+    preset, overrides = MODELS[shape["model"]]
+    size = build_config(preset, overrides).image_size
+    return shape["B"] * 3 * size * size * 4
+
+
+@functools.lru_cache(maxsize=1)
+def _text_encoder():
+    from lgvq.text import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=30)
+
+
+def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
+           mask_before_encoding: bool = False):
+    from lgvq.config import build_config
+    from lgvq.data import build_dataset
+    from lgvq.training import build_loss, build_model, mask_words
+
+    preset, overrides = MODELS[shape["model"]]
+    config = build_config(preset, {**overrides, "batch_size": shape["B"], "backbone": "vqvae",
+                                   "language_guidance": guidance,
+                                   "mask_before_encoding": mask_before_encoding})
+    text_encoder = _text_encoder().to(device)
+    torch.manual_seed(0)
+    model = build_model(config, text_encoder).to(device)
+    objective = build_loss(config).to(device)
+    data = build_dataset("shapes", split="train", image_size=config.image_size,
+                         size=shape["B"])
+    images = torch.stack([data[i]["image"] for i in range(shape["B"])]).to(device)
+    text = text_encoder.encode([data[i]["captions"][0] for i in range(shape["B"])]).to(device)
+    masked_ids, masked = mask_words(text_encoder, text, config, 0)
+    masked = masked.to(device)
+    trained = model.parameters() if heads else model.tokenizer.parameters()
+    optimizer = torch.optim.Adam(trained, lr=1e-5, betas=(0.5, 0.9))
+    model.train()
+
+    def step():
+        _, zq_st, _, vq_loss, _ = model.tokenizer.encode(images)
+        reconstruction = model.tokenizer.decode(zq_st).float()
+        loss, _ = objective.generator_loss(images, reconstruction, vq_loss, 0)
+        if heads:
+            masked_text = None
+            if mask_before_encoding:
+                masked_text = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
+                                                      text.special_mask)
+            loss = loss + model.language_losses(zq_st, text, masked, masked_text).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _targets(rows):
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
+    targets = []
+    for (shape, _), found in sorted(by_case.items()):
+        plain, guided = found.get("vq"), found.get("lgvq")
+        description = f"LG-VQ step <= 1.25x the step without language losses ({shape})"
+        if not plain or not guided or plain.median_s is None or guided.median_s is None:
+            targets.append(harness.Target(description, "NOT MEASURED",
+                                          "needs vq and lgvq rows"))
+            continue
+        ratio = guided.median_s / plain.median_s
+        targets.append(harness.Target(description, "MET" if ratio <= 1.25 else "NOT MET",
+                                      f"{ratio:.2f}x ({guided.median_s * 1e3:.0f} ms vs "
+                                      f"{plain.median_s * 1e3:.0f} ms)"))
+    return targets
+
+
+FAMILY = harness.register(harness.OpFamily(
+    name="lgvq_step", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
+    shape_label=shape_label, parse_shape=parse_shape, baseline="vq", targets=_targets))
+
+
+def _text_available(device: torch.device) -> tuple[bool, str]:
+    try:
+        from lgvq.text.huggingface import minilm_model_directory
+
+        minilm_model_directory()
+    except Exception as error:  # noqa: BLE001 - any reason the weights are missing
+        return False, f"the MiniLM weights are not installed ({error})"
+    return True, ""
+
+
+@FAMILY.provider("vq", "backbone only (no language losses)", available=_text_available)
+def vq_step(shape: dict, device: torch.device, dtype: str):
+    return _setup(shape, device, guidance=False, heads=False)
+
+
+@FAMILY.provider("lgvq", "LG-VQ (cached text features)", available=_text_available)
+def lgvq_step(shape: dict, device: torch.device, dtype: str):
+    return _setup(shape, device, guidance=True, heads=True)
+
+
+@FAMILY.provider("lgvq-masked", "LG-VQ, mask_before_encoding", available=_text_available)
+def lgvq_masked_step(shape: dict, device: torch.device, dtype: str):
+    return _setup(shape, device, guidance=True, heads=True, mask_before_encoding=True)
+
+
+@FAMILY.provider("probes", "backbone + probe heads (demo baseline)", available=_text_available)
+def probes_step(shape: dict, device: torch.device, dtype: str):
+    return _setup(shape, device, guidance=False, heads=True)
