@@ -114,10 +114,14 @@ class LGVQ(nn.Module):
 
     def predict_masked_words(self, zq_st: Tensor, token_features: Tensor, masked: Tensor,
                              attention_mask: Tensor) -> Tensor:
-        """Logits ``[B, T, V]`` of the masked-word head (evaluation)."""
+        """Logits ``[B, T, V]`` of the masked-word head at the masked slots (evaluation); other
+        slots hold zeros (the vocabulary projection runs only where a word is predicted)."""
         visual = self.visual_encoder(zq_st.flatten(2).transpose(1, 2))
         hidden = self.text_decoder(token_features, masked, attention_mask, visual)
-        return self.word_head(hidden)
+        vocabulary = self.word_head.bias.shape[0]
+        logits = hidden.new_zeros(*hidden.shape[:2], vocabulary)
+        logits[masked] = self.word_head(hidden[masked])
+        return logits
 
     def image_embedding(self, zq_st: Tensor) -> Tensor:
         """e_CLS mapped to the global text width ``[B, G]`` (retrieval)."""
