@@ -85,7 +85,8 @@ PRESETS: dict[str, dict] = {
     "shapes": {"alpha": 0.1, "beta": 1.0, "gamma": 0.01, "mask_before_encoding": True,
                "batch_size": 8, "steps": 500, "log_every": 25, "checkpoint_every": 100,
                "sample_every": 250},
-    "shapes-tiny": {"alpha": 0.1, "beta": 1.0, "gamma": 0.01, "train_images": 256, "eval_images": 64, "steps": 30, "batch_size": 8,
+    "shapes-tiny": {"alpha": 0.1, "beta": 1.0, "gamma": 0.01, "train_images": 256,
+                    "eval_images": 64, "steps": 30, "batch_size": 8,
                     "base_channels": 16, "code_dim": 16, "codebook_size": 32,
                     "checkpoint_every": 10, "log_every": 5, "sample_every": 30},
     # the paper's settings (GPU): 256x256, f=16, K=1024, D=256, lr 4.5e-6 x batch 8

@@ -60,8 +60,8 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
     psnr_sum, image_embeddings, text_embeddings = 0.0, [], []
     grid = None
     for start in range(0, count, batch_size):
-        batch = collate_captioned_images([dataset[i] for i in range(start, min(count,
-                                                                               start + batch_size))])
+        stop = min(count, start + batch_size)
+        batch = collate_captioned_images([dataset[i] for i in range(start, stop)])
         images_ = batch["image"].to(device)
         captions = [options[0] for options in batch["captions"]]
         text = text_encoder.encode(captions)

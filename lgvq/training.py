@@ -283,7 +283,8 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
         _truncate_csv(metrics_path, start_step)  # rows logged after the checkpoint are redone
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
-               disable=not progress or not parallel.main, desc="lgvq-train" if config.language_guidance else "vq-train")
+               disable=not progress or not parallel.main,
+               desc="lgvq-train" if config.language_guidance else "vq-train")
     last_time, last_step = time.perf_counter(), start_step
     model.train()
     for step in bar:
@@ -393,4 +394,5 @@ def _append_csv(path: Path, row: dict) -> None:
         os.fsync(stream.fileno())
 
 
-__all__ = ["train", "build_model", "build_loss", "batch_indices", "step_generator", "CHECKPOINT_NAME"]
+__all__ = ["train", "build_model", "build_loss", "batch_indices", "step_generator",
+           "CHECKPOINT_NAME", "Parallel", "init_parallel"]

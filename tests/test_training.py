@@ -195,3 +195,23 @@ def test_vqgan_backbone_trains_its_discriminator_and_resumes(tmp_path):
     got = _tensors(resumed / "last.safetensors")
     different = [k for k in tensors if not torch.equal(tensors[k], got[k])]
     assert not different, f"resumed vqgan run differs in {different[:5]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer", ["cvq", "learnable"])
+def test_other_quantizers_train_and_evaluate(tmp_path, quantizer):
+    """--quantizer=cvq (online clustered) and learnable (taming-style) run through the loop and
+    through `lgvq eval`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out = tmp_path / quantizer
+    subprocess.run(_train_command(out, f"--quantizer={quantizer}", "--steps=3",
+                                  "--eval_images=16"),
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "lgvq", "eval", str(out / "last.safetensors")],
+                            env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    scores = json.loads((out / "metrics.json").read_text())
+    assert scores["step"] == 3 and scores["images"] == 16
+    assert 0.0 < scores["codebook_usage"] <= 1.0 and scores["psnr_db"] > 0

@@ -38,7 +38,8 @@ def _quantize_forward_kernel(x_ptr, codebook_ptr, indices_ptr, mask_ptr, quantiz
                              HAS_MASK: tl.constexpr):
     """One program per BLOCK_N rows: quantized[i] = codebook[indices[i]] (copied as loaded) and
     partials[program] = sum over its rows of mask[i] * |x_i - codebook[indices[i]]|^2 (fp32).
-    An index outside [0, K) gathers zeros instead of reading out of bounds."""
+    A row whose index is outside [0, K) is treated as the CUDA kernel does: it reads nothing
+    from the codebook, its quantized row is zeros and it adds nothing (not even a NaN)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -64,6 +65,7 @@ def _quantize_forward_kernel(x_ptr, codebook_ptr, indices_ptr, mask_ptr, quantiz
         x_ptrs += BLOCK_D * stride_xd
         c_ptrs += BLOCK_D * stride_cd
         q_ptrs += BLOCK_D
+    row_squared = tl.where(gather_mask, row_squared, 0.0)
     if HAS_MASK:
         # a product, like the reference: a masked-out non-finite row still gives NaN
         valid = tl.load(mask_ptr + rows, mask=row_mask, other=0).to(tl.float32)
@@ -198,12 +200,18 @@ def _check_codebook(x: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(f"codebook is on {codebook.device} but x is on {x.device}")
 
 
-def _valid_elements(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """max(1, valid rows * D) as a float32 device scalar (no host sync, no copy)."""
-    if mask is None:
-        return torch.full((), max(1, x.shape[0] * x.shape[1]), dtype=torch.float32,
-                          device=x.device)
-    return (mask.sum() * x.shape[1]).clamp_min(1).to(torch.float32)
+def _in_range(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    return (indices >= 0) & (indices < num_codes)
+
+
+def _valid_elements(x: torch.Tensor, mask: torch.Tensor | None, indices: torch.Tensor,
+                    num_codes: int) -> torch.Tensor:
+    """max(1, valid rows * D) as a float32 device scalar (no host sync): rows selected by the
+    mask whose index is in [0, K), as the CUDA kernels count them."""
+    valid = _in_range(indices, num_codes)
+    if mask is not None:
+        valid = valid & mask
+    return (valid.sum() * x.shape[1]).clamp_min(1).to(torch.float32)
 
 
 def quantize_straight_through_forward(x: torch.Tensor, codebook: torch.Tensor,
@@ -216,7 +224,7 @@ def quantize_straight_through_forward(x: torch.Tensor, codebook: torch.Tensor,
     _check_codebook(x, codebook)
     num_rows, dim = x.shape
     quantized = torch.empty(num_rows, dim, dtype=x.dtype, device=x.device)
-    denominator = _valid_elements(x, mask)
+    denominator = _valid_elements(x, mask, indices, codebook.shape[0])
     if num_rows == 0:
         return quantized, torch.zeros((), dtype=torch.float32, device=x.device) / denominator
     block_n = _forward_block_n(num_rows)
@@ -257,7 +265,7 @@ def quantize_straight_through_backward(grad_quantized: torch.Tensor | None,
     if num_rows == 0 or num_codes == 0:
         return grad_x, torch.zeros(num_codes, dim, dtype=codebook.dtype, device=x.device)
     grad_codebook = torch.empty(num_codes, dim, dtype=codebook.dtype, device=x.device)
-    scale = 2.0 / _valid_elements(x, mask)
+    scale = 2.0 / _valid_elements(x, mask, indices, num_codes)
     coef_x = (grad_commitment.to(torch.float32) * scale).reshape(1)
     coef_codebook = (-grad_codebook_loss.to(torch.float32) * scale).reshape(1)
     order, offsets = sort_by_code(indices, num_codes)
@@ -273,6 +281,11 @@ def quantize_straight_through_backward(grad_quantized: torch.Tensor | None,
             BLOCK_D=block_d, HAS_MASK=mask is not None,
             HAS_GRAD_QUANTIZED=has_grad_quantized,
             ROUND_TO_BF16=_INTERPRET and x.dtype == torch.bfloat16)
+    # Rows with an index outside [0, K) lie in no segment: as on CUDA they get only the
+    # straight-through gradient (zeros without one).
+    straight = (grad_quantized.to(x.dtype) if has_grad_quantized
+                else torch.zeros((), dtype=x.dtype, device=x.device))
+    grad_x = torch.where(_in_range(indices, num_codes)[:, None], grad_x, straight)
     return grad_x, grad_codebook
 
 

@@ -150,6 +150,45 @@ def test_backward_all_rows_masked():
     assert bool((grad_codebook == 0).all()) and float(squared_error) == 0.0
 
 
+@pytest.mark.parametrize("with_grad_quantized", [True, False])
+def test_out_of_range_rows_are_treated_as_on_cuda(with_grad_quantized):
+    """An index outside [0, K) (no host-side check on GPU): the row's quantized output is zeros,
+    it adds nothing to the loss, is not counted as valid (even holding NaN), and its grad_x is
+    the straight-through gradient alone; the other rows are as if it were masked out."""
+    args, _ = run_backward(9, 3, 17, torch.float32, masked=True,
+                           with_grad_quantized=with_grad_quantized, seed=5)
+    grad_quantized, grad_commitment, grad_codebook_loss, x, codebook, indices, mask = args
+    bad = torch.tensor([2, 6], device=DEVICE)
+    indices = indices.clone()
+    indices[bad] = torch.tensor([-1, 3], device=DEVICE)
+    x = x.clone()
+    x[2] = float("nan")
+    mask = torch.ones_like(mask) if mask is None else mask.clone()
+    mask[bad] = True
+    quantized, squared_error = quantize_straight_through_forward(x, codebook, indices, mask)
+    grad_x, grad_codebook = quantize_straight_through_backward(
+        grad_quantized, grad_commitment, grad_codebook_loss, x, codebook, indices, mask)
+
+    # expected: the reference with those rows masked out and pointed at a valid code
+    safe_x, safe_indices, safe_mask = x.clone(), indices.clone(), mask.clone()
+    safe_x[bad], safe_indices[bad], safe_mask[bad] = 0.0, 0, False
+    ref_quantized, ref_error = reference.quantize_straight_through(
+        safe_x, codebook, safe_indices, safe_mask)
+    ref_grad_x, ref_grad_codebook = reference.quantize_straight_through_backward(
+        grad_quantized, grad_commitment, grad_codebook_loss, safe_x, codebook, safe_indices,
+        safe_mask)
+    keep = torch.ones(9, dtype=torch.bool, device=DEVICE)
+    keep[bad] = False
+    assert bool((quantized[bad] == 0).all())
+    assert_close(quantized[keep], ref_quantized[keep])
+    assert torch.isfinite(squared_error) and torch.isfinite(grad_codebook).all()
+    assert_close(squared_error, ref_error)
+    assert_close(grad_x[keep], ref_grad_x[keep])
+    assert_close(grad_codebook, ref_grad_codebook)
+    straight = grad_quantized[bad] if with_grad_quantized else torch.zeros(2, 17, device=DEVICE)
+    assert torch.equal(grad_x[bad], straight)
+
+
 # --------------------------------------------------------------------------------------------
 # codebook statistics
 # --------------------------------------------------------------------------------------------
