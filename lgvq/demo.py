@@ -11,6 +11,7 @@ Other --key=value pairs are training-config overrides (see `lgvq presets`).
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,12 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
 
     global _WORKER_TEXT_ENCODER
     torch.set_num_threads(threads)
+    if _WORKER_TEXT_ENCODER is None:  # a fresh worker: keep it to its share of the cores
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # already set in this process
+            pass
     config = build_config("shapes", overrides)
     folder = Path(config.out_dir)
     scores_path = folder / "metrics.json"
