@@ -88,7 +88,8 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
     scores_path = folder / "metrics.json"
     if scores_path.exists() and (folder / CHECKPOINT_NAME).exists():
         scores = json.loads(scores_path.read_text())
-        if scores.get("steps") == config.steps:  # a finished run of this length is reused
+        same = scores.get("config") == json.loads(json.dumps(config.to_dict()))
+        if same:  # a finished run of exactly this config is reused
             print(f"[demo] {name}: reusing the finished run in {folder}", flush=True)
             return scores
     if _WORKER_TEXT_ENCODER is None:
@@ -104,8 +105,9 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
     load_checkpoint(checkpoint, model=model, restore_rng=False)
     started = time.perf_counter()
     scores = evaluate_model(model, config, text_encoder, out_dir=folder)
+    config.resume = False
     scores.update(steps=config.steps, train_seconds=train_seconds,
-                  eval_seconds=time.perf_counter() - started)
+                  eval_seconds=time.perf_counter() - started, config=config.to_dict())
     temporary = scores_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(scores, indent=2))
     temporary.replace(scores_path)
