@@ -243,6 +243,73 @@ def register(family: OpFamily) -> OpFamily:
     return family
 
 
+def lgvq_backend_available(backend: str, op: str | None = None
+                           ) -> Callable[[torch.device], tuple[bool, str]]:
+    """A provider's ``available`` for lgvq backend ``backend`` (for ``op``, or any op): the
+    registry's answer, except that the Triton CPU interpreter is never timed."""
+
+    def available(device: torch.device) -> tuple[bool, str]:
+        import lgvq_kernels
+
+        if op is None:
+            info = lgvq_kernels.available_backends(device)[backend]
+        else:
+            info = lgvq_kernels._backends.backend_info(backend, device, op)
+        if info.available and backend == "triton" and device.type != "cuda":
+            return False, "the Triton CPU interpreter is for tests, far too slow to time"
+        return info.available, info.reason
+
+    return available
+
+
+def rows_by_case(rows: list["Row"]) -> dict[tuple[str, str], dict[str, "Row"]]:
+    """{(shape label, dtype): {provider: row}}: how targets look up the rows they compare."""
+    by_case: dict[tuple[str, str], dict[str, Row]] = {}
+    for row in rows:
+        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
+    return by_case
+
+
+def ratio_target(description: str, numerator: "Row | None", denominator: "Row | None", *,
+                 at_least: float | None = None, at_most: float | None = None) -> Target:
+    """A target on ``numerator time / denominator time`` (e.g. baseline / lgvq >= 4): MET or
+    NOT MET from the two medians, NOT MEASURED when a row is missing or failed."""
+    if numerator is None or denominator is None:
+        return Target(description, "NOT MEASURED", "a provider's row is missing")
+    if numerator.median_s is None or denominator.median_s is None:
+        return Target(description, "NOT MEASURED", "a case failed")
+    ratio = numerator.median_s / denominator.median_s
+    met = (at_least is None or ratio >= at_least) and (at_most is None or ratio <= at_most)
+    return Target(description, "MET" if met else "NOT MET",
+                  f"{ratio:.2f}x ({format_seconds(numerator.median_s)} vs "
+                  f"{format_seconds(denominator.median_s)})")
+
+
+def run_pytest_benchmark(benchmark, family: OpFamily, provider: str, shape: dict,
+                         device: torch.device, dtype: str) -> None:
+    """The pytest-benchmark body shared by benchmarks/test_*_bench.py: skip with the reason
+    when the case cannot run, else time the provider (one untimed warm-up call first)."""
+    import pytest
+
+    reason = provider_unavailable_reason(family, provider, device) \
+        or case_skip_reason(family, provider, shape, dtype, device)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"{family.name} {family.shape_label(shape)} {dtype}"
+    benchmark.extra_info.update(op=family.name, provider=provider, shape=shape, dtype=dtype,
+                                device=describe_device(device))
+    with matmul_precision(dtype, device):
+        call = family.providers[provider].factory(shape, device, dtype)
+        synchronize = _synchronizer(device)
+
+        def fn():
+            call()
+            synchronize()
+
+        fn()  # warm-up: first-touch page faults, lazy initialisation, compilation
+        benchmark(fn)
+
+
 def discover() -> dict[str, OpFamily]:
     """Import every op-family module of the benchmarks package; return the registry."""
     import benchmarks

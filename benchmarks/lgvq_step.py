@@ -107,22 +107,10 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
 
 
 def _targets(rows):
-    by_case = {}
-    for row in rows:
-        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
-    targets = []
-    for (shape, _), found in sorted(by_case.items()):
-        plain, guided = found.get("vq"), found.get("lgvq")
-        description = f"LG-VQ step <= 1.25x the step without language losses ({shape})"
-        if not plain or not guided or plain.median_s is None or guided.median_s is None:
-            targets.append(harness.Target(description, "NOT MEASURED",
-                                          "needs vq and lgvq rows"))
-            continue
-        ratio = guided.median_s / plain.median_s
-        targets.append(harness.Target(description, "MET" if ratio <= 1.25 else "NOT MET",
-                                      f"{ratio:.2f}x ({guided.median_s * 1e3:.0f} ms vs "
-                                      f"{plain.median_s * 1e3:.0f} ms)"))
-    return targets
+    return [harness.ratio_target(
+        f"LG-VQ step <= 1.25x the step without language losses ({shape}): lgvq / vq",
+        found.get("lgvq"), found.get("vq"), at_most=1.25)
+        for (shape, _), found in sorted(harness.rows_by_case(rows).items())]
 
 
 FAMILY = harness.register(harness.OpFamily(

@@ -133,18 +133,6 @@ FAMILY = harness.register(harness.OpFamily(
 # --------------------------------------------------------------------------------------------
 
 
-def _lgvq_available(backend: str):
-    def available(device: torch.device) -> tuple[bool, str]:
-        import lgvq_kernels
-
-        info = lgvq_kernels.available_backends(device)[backend]
-        if info.available and backend == "triton" and device.type != "cuda":
-            return False, "the Triton CPU interpreter is for tests, far too slow to time"
-        return info.available, info.reason
-
-    return available
-
-
 def _lgvq_factory(backend: str):
     def factory(shape: dict, device: torch.device, dtype: str):
         import lgvq_kernels
@@ -163,11 +151,12 @@ def _streaming_extra(shape: dict, dtype: str) -> int:
 
 
 for _backend in ("native", "triton"):
-    FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}", available=_lgvq_available(_backend),
+    FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}",
+                    available=harness.lgvq_backend_available(_backend),
                     extra_bytes=_streaming_extra)(_lgvq_factory(_backend))
 
 FAMILY.provider(
-    "lgvq-reference", "lgvq reference", available=_lgvq_available("reference"),
+    "lgvq-reference", "lgvq reference", available=harness.lgvq_backend_available("reference"),
     # float32 scores, the isfinite mask, its masked copy, argmin scratch: ~11 bytes per score
     # (measured 176 MiB at 4096 x 4096), plus upcast/normalised inputs
     extra_bytes=lambda shape, dtype: 11 * _nk(shape) + _normalised_copies(shape),

@@ -78,45 +78,20 @@ def _step(layer, x: torch.Tensor, mode: str):
 
 
 def _targets(rows):
-    by_case = {}
-    for row in rows:
-        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
+    by_case = harness.rows_by_case(rows)
     targets = []
     for n, k, d in ((16384, 1024, 256), (16384, 16384, 256)):
         label = f"{n}x{k}x{d} train"
-        found = next((v for (s, _), v in by_case.items() if s == label), None)
-        description = f"training step >= 4x faster than vector-quantize-pytorch at {label}"
-        if not found or "lgvq-native" not in found or "vqp" not in found:
-            targets.append(harness.Target(description, "NOT MEASURED",
-                                          "needs lgvq-native and vqp rows for this shape"))
-            continue
-        native, peer = found["lgvq-native"], found["vqp"]
-        if native.median_s is None or peer.median_s is None:
-            targets.append(harness.Target(description, "NOT MEASURED", "a case failed"))
-            continue
-        ratio = peer.median_s / native.median_s
-        targets.append(harness.Target(description, "MET" if ratio >= 4 else "NOT MET",
-                                      f"{ratio:.2f}x ({native.median_s:.3f} s vs "
-                                      f"{peer.median_s:.3f} s)"))
+        found = next((v for (s, _), v in by_case.items() if s == label), {})
+        targets.append(harness.ratio_target(
+            f"training step >= 4x faster than vector-quantize-pytorch at {label}: vqp / lgvq",
+            found.get("vqp"), found.get("lgvq-native"), at_least=4))
     return targets
 
 
 FAMILY = harness.register(harness.OpFamily(
     name="quantizer", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
     shape_label=shape_label, parse_shape=parse_shape, baseline="vqp", targets=_targets))
-
-
-def _lgvq_available(backend: str):
-    def available(device: torch.device) -> tuple[bool, str]:
-        import lgvq_kernels
-
-        op = "quantize_straight_through"
-        info = lgvq_kernels._backends.backend_info(backend, device, op)
-        if info.available and backend == "triton" and device.type != "cuda":
-            return False, "the Triton CPU interpreter is for tests, far too slow to time"
-        return info.available, info.reason
-
-    return available
 
 
 def _lgvq_factory(backend: str):
@@ -137,7 +112,8 @@ def _lgvq_factory(backend: str):
 
 for _backend in ("native", "triton", "reference"):
     FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}",
-                    available=_lgvq_available(_backend))(_lgvq_factory(_backend))
+                    available=harness.lgvq_backend_available(
+                        _backend, "quantize_straight_through"))(_lgvq_factory(_backend))
 
 
 def _vqp_available(device: torch.device) -> tuple[bool, str]:

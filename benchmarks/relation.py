@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import harness
 
@@ -60,38 +59,17 @@ def make_inputs(shape: dict, device: torch.device, dtype: str, seed: int = 0):
 
 
 def _targets(rows):
-    by_case = {}
-    for row in rows:
-        by_case.setdefault((row.shape, row.dtype), {})[row.provider] = row
-    targets = []
-    for (shape, dtype), found in sorted(by_case.items()):
-        native, loop = found.get("lgvq-native"), found.get("paper-loop")
-        description = f"fused op vs the paper's per-word loop at {shape} ({dtype})"
-        if not native or not loop or native.median_s is None or loop.median_s is None:
-            continue
-        ratio = loop.median_s / native.median_s
-        targets.append(harness.Target(description, "MET" if ratio >= 1 else "NOT MET",
-                                      f"{ratio:.1f}x ({native.median_s * 1e3:.2f} ms vs "
-                                      f"{loop.median_s * 1e3:.2f} ms)"))
-    return targets
+    return [harness.ratio_target(f"fused op faster than the paper's per-word loop at {shape} "
+                                 f"({dtype}): loop / native",
+                                 found.get("paper-loop"), found.get("lgvq-native"), at_least=1)
+            for (shape, dtype), found in sorted(harness.rows_by_case(rows).items())
+            if "paper-loop" in found and "lgvq-native" in found]
 
 
 FAMILY = harness.register(harness.OpFamily(
     name="relation", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
     shape_label=shape_label, parse_shape=parse_shape, baseline="lgvq-reference",
     targets=_targets))
-
-
-def _lgvq_available(backend: str):
-    def available(device: torch.device) -> tuple[bool, str]:
-        import lgvq_kernels
-
-        info = lgvq_kernels._backends.backend_info(backend, device, "relation_alignment_loss")
-        if info.available and backend == "triton" and device.type != "cuda":
-            return False, "the Triton CPU interpreter is for tests, far too slow to time"
-        return info.available, info.reason
-
-    return available
 
 
 def _lgvq_factory(backend: str):
@@ -115,35 +93,20 @@ def _lgvq_factory(backend: str):
 
 for _backend in ("native", "triton", "reference"):
     FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}",
-                    available=_lgvq_available(_backend))(_lgvq_factory(_backend))
-
-
-def paper_loop_loss(words, visual, codes, mask):
-    """The public code's structure, in float32 with autograd: a loop over images and words."""
-    w_all = F.normalize(words.float(), dim=-1)
-    v_all = F.normalize(visual.float(), dim=-1)
-    batch, length, _ = words.shape
-    total = codes.new_zeros((), dtype=torch.float32)
-    for b in range(batch):
-        similarity = w_all[b] @ v_all[b].t()
-        rows = []
-        for i in range(length):
-            value, position = similarity[i].max(0)
-            rows.append(F.normalize(value * codes[b, position].float(), dim=-1))
-        code_side = torch.stack(rows) * mask[b, :, None]
-        word_side = w_all[b] * mask[b, :, None]
-        total = total + ((code_side @ code_side.t() - word_side @ word_side.t()) ** 2).sum()
-    return total / (batch * length * length)
+                    available=harness.lgvq_backend_available(
+                        _backend, "relation_alignment_loss"))(_lgvq_factory(_backend))
 
 
 @FAMILY.provider("paper-loop", "paper's per-word loop")
 def paper_loop(shape: dict, device: torch.device, dtype: str):
+    from lgvq_kernels.reference import relation_alignment_loss_loop
+
     words, visual, codes, mask = make_inputs(shape, device, dtype)
     codes.requires_grad_(True)
 
     def step():
         codes.grad = None
-        loss = paper_loop_loss(words, visual, codes, mask)
+        loss = relation_alignment_loss_loop(words, visual, codes, mask, torch.float32)
         loss.backward()
         return loss
 

@@ -250,6 +250,29 @@ def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor,
     return loss, chosen
 
 
+def relation_alignment_loss_loop(words: Tensor, visual: Tensor, codes: Tensor, word_mask: Tensor,
+                                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """The same loss written as the paper's public code does it: for each image, for each word,
+    an argmax over the positions, a gather and a normalisation, then the two Gram matrices.
+    Computed in ``dtype`` with autograd: the float64 oracle of the tests and the per-word-loop
+    baseline of the benchmarks (float32)."""
+    w_all = torch.nn.functional.normalize(words.to(dtype), dim=-1)
+    v_all = torch.nn.functional.normalize(visual.to(dtype), dim=-1)
+    batch, length, _ = words.shape
+    total = codes.new_zeros((), dtype=dtype)
+    for b in range(batch):
+        similarity = w_all[b] @ v_all[b].t()
+        rows = []
+        for i in range(length):
+            value, position = similarity[i].max(0)
+            rows.append(torch.nn.functional.normalize(value * codes[b, position].to(dtype), dim=-1))
+        mask = word_mask[b].to(dtype)[:, None]
+        code_side = torch.stack(rows) * mask
+        word_side = w_all[b] * mask
+        total = total + ((code_side @ code_side.t() - word_side @ word_side.t()) ** 2).sum()
+    return total / (batch * length * length)
+
+
 def relation_alignment_loss_backward(grad_loss: Tensor, words: Tensor, visual: Tensor,
                                      codes: Tensor, word_mask: Tensor) -> Tensor:
     """Gradient of the relation loss w.r.t. codes [B, M, C] (codes.dtype). The loss is constant

@@ -4,9 +4,9 @@ opcheck, compile, autocast and bad input."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lgvq_kernels
+from lgvq_kernels import reference
 
 
 def _backends():
@@ -25,20 +25,7 @@ BACKENDS = _backends()
 
 def paper_loop_oracle(words, visual, codes, word_mask):
     """Per-sample, per-word Python loop with autograd, float64 (the public code's structure)."""
-    w_all = F.normalize(words.double(), dim=-1)
-    v_all = F.normalize(visual.double(), dim=-1)
-    total = 0.0
-    batch, length, _ = words.shape
-    for b in range(batch):
-        similarity = w_all[b] @ v_all[b].t()
-        rows = []
-        for i in range(length):
-            s, p = similarity[i].max(0)
-            rows.append(F.normalize(s * codes[b, p].double(), dim=-1))
-        code_side = torch.stack(rows) * word_mask[b].double()[:, None]
-        word_side = w_all[b] * word_mask[b].double()[:, None]
-        total = total + ((code_side @ code_side.t() - word_side @ word_side.t()) ** 2).sum()
-    return total / (batch * length * length)
+    return reference.relation_alignment_loss_loop(words, visual, codes, word_mask, torch.float64)
 
 
 def make(batch, length, positions, width, dtype=torch.float32, seed=0):
