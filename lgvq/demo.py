@@ -31,27 +31,34 @@ METRICS = [  # (key, label, higher is better)
 ]
 
 
+CURVES = [  # (metrics.csv column, panel title)
+    ("reconstruction", "L1 reconstruction loss"),
+    ("psnr", "training-batch PSNR (dB)"),
+    ("mtp", "masked-word loss (L_mtp)"),
+    ("ras", "relation loss (L_ras)"),
+]
+
+
 def _plot_losses(runs: dict[str, list[Path]], path: Path) -> None:
+    """One panel per CURVES column, a line per run (baseline blue, LG-VQ orange). For the
+    baseline, L_mtp and L_ras are its probes' losses on detached tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
     for name, folders in runs.items():
         for index, folder in enumerate(folders):
             with open(folder / "metrics.csv", newline="") as stream:
                 rows = list(csv.DictReader(stream))
             steps = [int(r["step"]) for r in rows]
-            axes[0].plot(steps, [float(r["reconstruction"]) for r in rows],
-                         color="C0" if name == "baseline" else "C1",
-                         label=name if index == 0 else None)
-            axes[1].plot(steps, [float(r["psnr"]) for r in rows],
-                         color="C0" if name == "baseline" else "C1",
-                         label=name if index == 0 else None)
-    axes[0].set(title="L1 reconstruction loss", xlabel="step")
-    axes[1].set(title="training-batch PSNR (dB)", xlabel="step")
-    for axis in axes:
+            for axis, (column, _) in zip(axes, CURVES):
+                axis.plot(steps, [float(r[column]) for r in rows],
+                          color="C0" if name == "baseline" else "C1",
+                          label=name if index == 0 else None)
+    for axis, (_, title) in zip(axes, CURVES):
+        axis.set(title=title, xlabel="step")
         axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
