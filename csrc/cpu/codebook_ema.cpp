@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "segments.h"
+#include "simd.h"
 
 #include <immintrin.h>
 
@@ -26,6 +27,7 @@ namespace lgvq {
 namespace {
 
 using namespace cpu_common;  // the shared counting sort, checks and task split
+using namespace cpu_simd;    // AVX2 checks, 8-lane loads
 
 constexpr int64_t kPrefetchRows = 2;           // statistics: rows prefetched ahead (code order)
 
@@ -45,14 +47,6 @@ void accumulate_row(const T* x, C* acc, int64_t dim) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
 
 template <typename T>
 void accumulate_row(const T* x, float* acc, int64_t dim) {
@@ -65,20 +59,11 @@ void accumulate_row(const T* x, float* acc, int64_t dim) {
 }  // namespace avx2
 #pragma GCC pop_options
 
-bool cpu_has_avx2() {
-#ifdef LGVQ_NO_AVX2  // build switch: exercise the baseline kernels on an AVX2 machine
-  return false;
-#else
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#endif
-}
 
 template <typename T, typename C>
 AccumulateRowFn<T, C> pick_accumulate_row() {
   if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2()) return &avx2::accumulate_row<T>;
+    if (cpu_has_avx2_fma_f16c()) return &avx2::accumulate_row<T>;
   }
   return &baseline::accumulate_row<T, C>;
 }

@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -32,6 +34,8 @@
 
 namespace lgvq {
 namespace {
+
+using namespace cpu_simd;  // AVX2 feature checks and helpers
 
 constexpr int64_t kLanes = 8;            // one AVX2 register of float32
 constexpr int64_t kRowGroup = 4;         // rows per micro-kernel step (registers: 3 x 4 vectors)
@@ -122,10 +126,6 @@ std::vector<int64_t> lowest_duplicate(const T* codes, int64_t k, int64_t dim) {
   return map;
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Entry point

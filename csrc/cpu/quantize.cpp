@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "segments.h"
+#include "simd.h"
 
 #include <immintrin.h>
 
@@ -31,6 +32,7 @@ namespace lgvq {
 namespace {
 
 using namespace cpu_common;  // the shared counting sort, checks and task split
+using namespace cpu_simd;    // AVX2 checks, 8-lane loads and stores
 
 constexpr int64_t kBlockRows = 64;             // rows per forward partial sum (fixed on purpose)
 
@@ -109,37 +111,6 @@ void backward_row(const T* x, const C* e, const T* gq, C commit, C codebook, T* 
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-// Round to nearest even, NaN -> 0x7fc0: the same bits as c10::BFloat16(float).
-inline void store8(c10::BFloat16* p, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 template <typename T>
 float squared_distance(const T* x, const T* e, int64_t dim) {
@@ -201,20 +172,11 @@ void backward_row(const T* x, const float* e, const T* gq, float commit, float c
 }  // namespace avx2
 #pragma GCC pop_options
 
-bool cpu_has_avx2() {
-#ifdef LGVQ_NO_AVX2  // build switch: exercise the baseline kernels on an AVX2 machine
-  return false;
-#else
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#endif
-}
 
 template <typename T, typename C>
 SquaredDistanceFn<T, C> pick_squared_distance() {
   if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2()) return &avx2::squared_distance<T>;
+    if (cpu_has_avx2_fma_f16c()) return &avx2::squared_distance<T>;
   }
   return &baseline::squared_distance<T, C>;
 }
@@ -222,7 +184,7 @@ SquaredDistanceFn<T, C> pick_squared_distance() {
 template <typename T, typename C>
 BackwardRowFn<T, C> pick_backward_row() {
   if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2()) return &avx2::backward_row<T>;
+    if (cpu_has_avx2_fma_f16c()) return &avx2::backward_row<T>;
   }
   return &baseline::backward_row<T, C>;
 }

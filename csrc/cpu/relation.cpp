@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,6 +37,8 @@
 
 namespace lgvq {
 namespace {
+
+using namespace cpu_simd;  // AVX2 feature checks and helpers
 
 #define CHECK_INPUT(cond, ...) \
   TORCH_CHECK_VALUE(cond, "lgvq_C::relation_alignment_loss: ", __VA_ARGS__)
@@ -82,12 +86,6 @@ void dots(const C* a, int64_t rows_a, const C* b, int64_t rows_b, int64_t width,
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 // R rows of a against K rows of b; each pair: acc = fma(a, b, acc) over the width, then
 // horizontal_sum - the same sequence for every R x K, so the results do not depend on blocking.
@@ -130,14 +128,6 @@ void dots(const float* a, int64_t rows_a, const float* b, int64_t rows_b, int64_
 }  // namespace avx2
 #pragma GCC pop_options
 
-bool cpu_has_avx2_fma() {
-#ifdef LGVQ_NO_AVX2  // build switch: exercise the baseline kernels on an AVX2 machine
-  return false;
-#else
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#endif
-}
 
 template <typename C>
 DotsFn<C> pick_dots() {
