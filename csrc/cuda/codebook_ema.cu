@@ -6,6 +6,7 @@
 //
 // Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
 #include "codebook_ema.cuh"
+#include "common.cuh"
 
 #include <cstddef>
 #include <cstdint>
@@ -18,21 +19,13 @@ namespace lgvq {
 namespace cuda {
 namespace codebook_ema_detail {
 
+using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
+
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kTiny = 1.17549435e-38f;  // FLT_MIN, torch.finfo(float32).tiny
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Scalars of the update, rounded once on the host as the reference's tensor-scalar ops do.
 struct EmaScalars {

@@ -15,6 +15,7 @@
 // Pure CUDA on purpose (no torch headers; compiles in seconds): csrc/cuda/nearest_code_cuda.cpp
 // binds it to tensors.
 #include "nearest_code.cuh"
+#include "common.cuh"
 
 #include <cstdint>
 
@@ -25,6 +26,8 @@
 namespace lgvq {
 namespace cuda {
 namespace nearest_code_detail {
+
+using namespace ::lgvq::cuda::common;  // to_float (common.cuh)
 
 // ---- tile shape --------------------------------------------------------------------------
 constexpr int kThreads = 256;       // 8 warps
@@ -59,9 +62,6 @@ constexpr unsigned long long kEmptyKey = ~0ull;   // initial key: above every re
 // so that the winner is always the minimum score.
 enum Mode : int { kL2GivenSqnorm = 0, kL2ComputeSqnorm = 1, kCosine = 2 };
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float positive_infinity() { return __uint_as_float(0x7f800000u); }
 

@@ -25,6 +25,7 @@
 //
 // Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
 #include "quantize.cuh"
+#include "common.cuh"
 
 #include <cstddef>
 #include <cstdint>
@@ -43,6 +44,9 @@ namespace lgvq {
 namespace cuda {
 namespace quantize_detail {
 
+using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
+
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -53,25 +57,7 @@ constexpr uint32_t kNoKey = 0xffffffffu;  // "no neighbour" (keys are at most k 
 constexpr size_t kAlignment = 256;
 static_assert(kTileRows == 64, "the tile's keys and rows are held in two registers per lane");
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 __host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 __device__ __forceinline__ bool in_range(int64_t code, int64_t k) {
   return static_cast<uint64_t>(code) < static_cast<uint64_t>(k);  // also rejects negatives

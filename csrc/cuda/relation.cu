@@ -22,6 +22,7 @@
 //
 // Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
 #include "relation.cuh"
+#include "common.cuh"
 
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +34,8 @@
 namespace lgvq {
 namespace cuda {
 namespace relation_detail {
+
+using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -46,24 +49,6 @@ constexpr size_t kAlignment = 256;
 constexpr unsigned int kMaxBlocks = 1u << 20;  // grid-stride beyond this
 static_assert(kRowsPerWarp * kWarps == kTile, "8 warps x 4 rows cover a tile");
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 __device__ __forceinline__ bool is_nan(float v) { return v != v; }
 
