@@ -68,7 +68,7 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
            mask_before_encoding: bool = False):
     from lgvq.config import build_config
     from lgvq.data import build_dataset
-    from lgvq.training import build_loss, build_model, mask_words
+    from lgvq.training import build_backbone, build_model, mask_words
 
     preset, overrides = MODELS[shape["model"]]
     config = build_config(preset, {**overrides, "batch_size": shape["B"], "backbone": "vqvae",
@@ -76,8 +76,9 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
                                    "mask_before_encoding": mask_before_encoding})
     text_encoder = _text_encoder().to(device)
     torch.manual_seed(0)
-    model = build_model(config, text_encoder).to(device)
-    objective = build_loss(config).to(device)
+    backbone = build_backbone(config)
+    model = build_model(config, text_encoder, tokenizer=backbone.model).to(device)
+    objective = backbone.loss.to(device)
     data = build_dataset("shapes", split="train", image_size=config.image_size,
                          size=shape["B"])
     images = torch.stack([data[i]["image"] for i in range(shape["B"])]).to(device)

@@ -79,36 +79,31 @@ def build_quantizer(config: TrainConfig) -> nn.Module:
         kmeans_init=not learnable, kmeans_iters=5, backend=config.backend)
 
 
-def build_tokenizer(config: TrainConfig) -> nn.Module:
-    from lgvq.models.backbones import BackboneConfig, Decoder, Encoder
-    from lgvq.models.vqmodel import VQModel
+def build_backbone(config: TrainConfig):
+    """The tokenizer and its objective (lgvq.models.build_vqvae / build_vqgan, a
+    ``BuiltVQModel(model, loss)``): L1 + VQ for ``vqvae``; for ``vqgan`` also LPIPS (when
+    ``lpips_weights`` exists locally, else a warning) and the adaptive-weight hinge PatchGAN
+    term from step ``disc_start`` on."""
+    from lgvq.models import BackboneConfig, VQModelConfig, build_vqgan, build_vqvae
 
+    builders = {"vqvae": build_vqvae, "vqgan": build_vqgan}
+    if config.backbone not in builders:
+        raise ValueError(f"backbone must be vqvae or vqgan, got {config.backbone!r}")
     backbone = BackboneConfig(image_size=config.image_size, base_channels=config.base_channels,
                               channel_multipliers=config.channel_multipliers,
                               num_res_blocks=config.res_blocks, z_channels=config.code_dim)
-    return VQModel(Encoder(backbone), Decoder(backbone), build_quantizer(config),
-                   embed_dim=config.code_dim)
+    vq_config = VQModelConfig(backbone=backbone, embed_dim=config.code_dim,
+                              codebook_size=config.codebook_size,
+                              lpips_weights_path=config.lpips_weights or None,
+                              disc_start=config.disc_start, disc_weight=config.disc_weight,
+                              disc_layers=config.disc_layers,
+                              disc_channels=config.disc_channels)
+    return builders[config.backbone](vq_config, quantizer=lambda: build_quantizer(config))
 
 
-def build_loss(config: TrainConfig) -> nn.Module:
-    """The backbone's objective: L1 + VQ for ``vqvae``; for ``vqgan`` also LPIPS (when
-    ``lpips_weights`` exists locally, else a warning) and the adaptive-weight hinge PatchGAN
-    term from step ``disc_start`` on (lgvq.models.VQGANLoss)."""
-    from lgvq.models.discriminator import PatchDiscriminator, VQGANLoss
-    from lgvq.models.lpips import LPIPS
-
-    if config.backbone == "vqvae":
-        return VQGANLoss(None, None)
-    if config.backbone != "vqgan":
-        raise ValueError(f"backbone must be vqvae or vqgan, got {config.backbone!r}")
-    discriminator = PatchDiscriminator(base_channels=config.disc_channels,
-                                       num_layers=config.disc_layers)
-    return VQGANLoss(discriminator, LPIPS(config.lpips_weights or None),
-                     disc_start=config.disc_start, disc_weight=config.disc_weight)
-
-
-def build_model(config: TrainConfig, text_encoder) -> LGVQ:
-    tokenizer = build_tokenizer(config)
+def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None = None) -> LGVQ:
+    """LG-VQ (or the baseline) around ``tokenizer`` (default: ``build_backbone(config).model``)."""
+    tokenizer = build_backbone(config).model if tokenizer is None else tokenizer
     grid = config.image_size // 2 ** (len(config.channel_multipliers) - 1)
     weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma,
                                   temperature=config.temperature)
@@ -226,6 +221,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
     """
     from tqdm import tqdm
 
+    from lgvq.evaluation.metrics import psnr
     from lgvq.evaluation.report import save_image_grid
     from lgvq.text import TextFeatureCache, load_text_encoder
 
@@ -252,8 +248,9 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
             parallel.barrier()
     else:
         text_cache = TextFeatureCache(text_encoder)
-    model = build_model(config, text_encoder).to(device)
-    objective = build_loss(config).to(device)
+    backbone = build_backbone(config)
+    model = build_model(config, text_encoder, tokenizer=backbone.model).to(device)
+    objective = backbone.loss.to(device)
     heads = list(model.head_parameters())
     optimizer = torch.optim.Adam(
         [{"params": list(model.tokenizer.parameters())},
@@ -341,7 +338,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
                    "gsa": float(language.global_alignment.detach()),
                    "mtp": float(language.masked_prediction.detach()),
                    "ras": float(language.relation.detach()),
-                   "psnr": float(_psnr(reconstruction.detach().float(), images)),
+                   "psnr": float(psnr(reconstruction.detach(), images).mean()),
                    "images_per_second": throughput}
             _append_csv(metrics_path, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}",
@@ -358,11 +355,6 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
                             config=config.to_dict(), modules=modules)
             parallel.barrier()
     return checkpoint_path
-
-
-def _psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    mse = ((reconstruction.clamp(-1, 1) - target) ** 2).mean()
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 def _truncate_csv(path: Path, last_step: int) -> None:
@@ -394,5 +386,5 @@ def _append_csv(path: Path, row: dict) -> None:
         os.fsync(stream.fileno())
 
 
-__all__ = ["train", "build_model", "build_loss", "batch_indices", "step_generator",
+__all__ = ["train", "build_model", "build_backbone", "batch_indices", "step_generator",
            "CHECKPOINT_NAME", "Parallel", "init_parallel"]

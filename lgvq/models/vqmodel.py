@@ -18,7 +18,7 @@ one forward serves the reconstruction, GAN and language losses alike.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -260,19 +260,25 @@ def _as_config(config: VQModelConfig | Mapping[str, Any] | None) -> VQModelConfi
     raise TypeError(f"config must be a VQModelConfig or a mapping, got {type(config).__name__}")
 
 
-def _build_model(config: VQModelConfig, quantizer: nn.Module | None) -> VQModel:
+def _build_model(config: VQModelConfig,
+                 quantizer: nn.Module | Callable[[], nn.Module] | None) -> VQModel:
+    """A factory (zero-argument callable) is called after the encoder and decoder are built,
+    so the random initialisations come in that order."""
     quantizer = build_default_quantizer(config) if quantizer is None else quantizer
-    return VQModel(Encoder(config.backbone), Decoder(config.backbone), quantizer,
-                   config.embed_dim)
+    encoder, decoder = Encoder(config.backbone), Decoder(config.backbone)
+    if not isinstance(quantizer, nn.Module):
+        quantizer = quantizer()
+    return VQModel(encoder, decoder, quantizer, config.embed_dim)
 
 
 def build_vqvae(config: VQModelConfig | Mapping[str, Any] | None = None, *,
-                quantizer: nn.Module | None = None) -> BuiltVQModel:
+                quantizer: nn.Module | Callable[[], nn.Module] | None = None) -> BuiltVQModel:
     """Plain VQ-VAE: the tokenizer and a loss of ``pixel (L1/MSE) + codebook_weight * VQ``.
 
     Args:
         config: a :class:`VQModelConfig`, a mapping of its fields, or ``None`` (tiny).
-        quantizer: the quantizer module; default :func:`build_default_quantizer`.
+        quantizer: the quantizer module, or a factory of it (called after the encoder and
+            decoder are built); default :func:`build_default_quantizer`.
     """
     config = _as_config(config)
     loss = VQGANLoss(None, None, pixel_loss=config.pixel_loss, perceptual_weight=0.0,
@@ -281,7 +287,7 @@ def build_vqvae(config: VQModelConfig | Mapping[str, Any] | None = None, *,
 
 
 def build_vqgan(config: VQModelConfig | Mapping[str, Any] | None = None, *,
-                quantizer: nn.Module | None = None) -> BuiltVQModel:
+                quantizer: nn.Module | Callable[[], nn.Module] | None = None) -> BuiltVQModel:
     """VQGAN: the tokenizer and a loss of L1 + LPIPS + adaptive hinge PatchGAN + VQ.
 
     LPIPS is on only when ``config.lpips_weights_path`` names an existing local file (else it
