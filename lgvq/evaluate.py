@@ -80,6 +80,7 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
         text_embeddings.append(text.global_features.cpu())
         candidates = _candidate_words(config, text_encoder, text)
 
+        encoded = {}  # masked ids -> their features: each draw of masks is encoded once
         for protocol in ("masked_encoding", "paper_encoding", "shuffled_images"):
             # shuffled_images: the training protocol with each caption scored against the tokens
             # of another image: how much of the recall comes from the image at all
@@ -88,8 +89,12 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
                         tokens=zq_st.roll(1, 0) if protocol == "shuffled_images" else zq_st):
                 features = text.token_features  # the paper: context from the unmasked caption
                 if protocol == "masked_encoding":  # mask, then encode: no leak of the words
-                    features = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
-                                                       text.special_mask).token_features
+                    key = masked_ids.cpu().numpy().tobytes()
+                    if key not in encoded:
+                        encoded[key] = text_encoder.encode_ids(
+                            masked_ids.to(device), text.attention_mask,
+                            text.special_mask).token_features
+                    features = encoded[key]
                 return model.predict_masked_words(tokens, features, masked.to(device),
                                                   text.attention_mask)
 
