@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lgvq.files import atomic_write
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
 GiB = 1 << 30
@@ -927,22 +929,6 @@ def format_seconds(seconds: float | None) -> str:
 
 def format_mib(value: int | None) -> str:
     return "—" if value is None else f"{value / MiB:.1f}"
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Write a file through a temporary in the same folder: a good file is never left half-done."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(handle, mode) as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def append_csv(path: str, rows: list[Row]) -> str:

@@ -25,6 +25,7 @@ import time
 import torch
 
 from benchmarks import harness
+from lgvq.files import atomic_path, atomic_write
 
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 CSV_NAME = "results.csv"
@@ -239,16 +240,11 @@ def plot(family: harness.OpFamily, rows: list[harness.Row], path: str, title: st
     axes[0, 0].legend(fontsize=7, ncol=2)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return None
 
 
@@ -369,7 +365,7 @@ def main(argv=None) -> int:
         if os.path.exists(markdown_path):
             with open(markdown_path) as f:
                 previous = f.read()
-        harness.atomic_write(markdown_path, (previous or f"# {op} benchmarks\n\n") + section)
+        atomic_write(markdown_path, (previous or f"# {op} benchmarks\n\n") + section)
         csv_path = harness.append_csv(os.path.join(args.out, CSV_NAME), rows)
         written = [csv_path, markdown_path]
         if not args.no_plot:
@@ -382,7 +378,7 @@ def main(argv=None) -> int:
         print("\nwritten: " + ", ".join(os.path.relpath(p) for p in written))
 
     if args.summary:
-        harness.atomic_write(args.summary, "\n\n".join(summaries) + "\n")
+        atomic_write(args.summary, "\n\n".join(summaries) + "\n")
     if failures:
         print(f"\n{failures} case(s) failed with an error (see the note column)")
     return 1 if failures else 0
