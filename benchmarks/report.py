@@ -8,7 +8,7 @@ and save the results (CSV rows appended, a dated markdown file, a PNG plot).
 
 Columns: median / p20–p80 (seconds per call after warm-up), speed-up vs the op's baseline
 (baseline median / this median), "x <floor>" (this median / the floor's median, e.g. the bare
-GEMM), peak extra memory in MiB (see benchmarks/harness.py for how it is measured).
+GEMM), peak extra memory in MiB (see benchmarks/harness/memory.py for how it is measured).
 Targets are evaluated from the measured numbers: MET / NOT MET / NOT MEASURED.
 """
 
