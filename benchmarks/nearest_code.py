@@ -34,7 +34,8 @@ SHAPE_SETS = {
         {"N": 2048, "K": 4096, "D": 8, "metric": "l2"},
         {"N": 2048, "K": 2048, "D": 32, "metric": "cosine"},
     ],
-    # PEERS.md "Shapes that matter" that fit a 24 GiB, 2-core machine, and DESIGN.md's targets.
+    # the shapes that matter (docs/benchmarks.md) that fit a 24 GiB, 2-core machine, and the
+    # shapes of the targets
     "full": [
         {"N": 2048, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ, small batch
         {"N": 16384, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ
@@ -226,7 +227,7 @@ def vqp_distance_argmax(shape: dict, device: torch.device, dtype: str):
 
 
 # --------------------------------------------------------------------------------------------
-# targets (DESIGN.md "Performance targets"), computed from the measured rows
+# targets (docs/benchmarks.md, "Targets"), computed from the measured rows
 # --------------------------------------------------------------------------------------------
 
 MEMORY_TARGET_BYTES = 64 * harness.MiB

@@ -1,5 +1,5 @@
-"""Run benchmark providers x shapes x dtypes, print a markdown table and the DESIGN.md targets,
-and save the results (CSV rows appended, a dated markdown file, a PNG plot).
+"""Run benchmark providers x shapes x dtypes, print a markdown table and the targets of
+docs/benchmarks.md, and save the results (CSV rows appended, a dated markdown file, a PNG plot).
 
     python -m benchmarks.report --quick                      # small shapes, < ~1 minute
     python -m benchmarks.report                              # the full CPU set (minutes)
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
             print("\nunavailable providers:")
             print("\n".join(unavailable))
         if targets:
-            print("\ntargets (DESIGN.md, from the numbers above):")
+            print("\ntargets (docs/benchmarks.md, from the numbers above):")
             for target in targets:
                 print("  " + target.line())
         summary = summary_table(family, rows)
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
             "p20–p80 spread; first call excluded",
             f"- {memory}", f"- {load}", "", table, "",
             *(["Unavailable providers:", "", *unavailable, ""] if unavailable else []),
-            *(["Targets (DESIGN.md), from these numbers:", "",
+            *(["Targets (docs/benchmarks.md), from these numbers:", "",
                *[f"- {t.line()}" for t in targets], ""] if targets else []),
             f"![{op}]({stem}.png)", "", ""])
         previous = ""
