@@ -19,7 +19,6 @@ Providers (each times forward + backward + Adam step of everything it trains):
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 
@@ -38,15 +37,8 @@ SHAPE_SETS = {
 }
 
 
-def shape_label(shape: dict) -> str:
-    return f"{shape['model']} B{shape['B']}"
-
-
-def parse_shape(text: str) -> dict:
-    match = re.fullmatch(r"\s*(shapes|paper)\s*:\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"lgvq_step shape {text!r}: write shapes:B or paper:B")
-    return {"model": match.group(1), "B": int(match.group(2))}
+SHAPE_FORMAT = harness.ShapeFormat("{model}:{B}", label="{model} B{B}",
+                                   words={"model": tuple(MODELS)})
 
 
 def input_bytes(shape: dict, dtype: str) -> int:
@@ -110,13 +102,13 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
 def _targets(rows):
     return [harness.ratio_target(
         f"LG-VQ step <= 1.25x the step without language losses ({shape}): lgvq / vq",
-        found.get("lgvq"), found.get("vq"), at_most=1.25)
+        found, "lgvq", "vq", at_most=1.25)
         for (shape, _), found in sorted(harness.rows_by_case(rows).items())]
 
 
 FAMILY = harness.register(harness.OpFamily(
     name="lgvq_step", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
-    shape_label=shape_label, parse_shape=parse_shape, baseline="vq", targets=_targets))
+    shape_format=SHAPE_FORMAT, baseline="vq", targets=_targets))
 
 
 def _text_available(device: torch.device) -> tuple[bool, str]:

@@ -21,8 +21,6 @@ Providers (ids for --providers, then what the table shows):
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +34,8 @@ SHAPE_SETS = {
         {"N": 2048, "K": 4096, "D": 8, "metric": "l2"},
         {"N": 2048, "K": 2048, "D": 32, "metric": "cosine"},
     ],
-    # PEERS.md "Shapes that matter" that fit a 24 GiB, 2-core machine, and DESIGN.md's targets.
+    # the shapes that matter (docs/benchmarks.md) that fit a 24 GiB, 2-core machine, and the
+    # shapes of the targets
     "full": [
         {"N": 2048, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ, small batch
         {"N": 16384, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ
@@ -66,37 +65,27 @@ SHAPE_SETS = {
 }
 
 
-def shape_label(shape: dict) -> str:
-    text = f"{shape['N']}x{shape['K']}x{shape['D']}"
-    return text if shape.get("metric", "l2") == "l2" else f"{text} {shape['metric']}"
-
-
-def parse_shape(text: str) -> dict:
-    """"16384x16384x256", "8192x16384x8:cosine" or "N=..,K=..,D=..,metric=.."."""
-    match = re.fullmatch(r"\s*(\d+)[x×](\d+)[x×](\d+)\s*(?::\s*(l2|cosine))?\s*", text)
-    if match:
-        n, k, d, metric = match.groups()
-        return {"N": int(n), "K": int(k), "D": int(d), "metric": metric or "l2"}
-    shape = harness.parse_key_values(text)
-    missing = {"N", "K", "D"} - set(shape)
-    if missing:
-        raise ValueError(f"nearest_code shape {text!r} lacks {sorted(missing)}; write NxKxD, "
-                         "NxKxD:cosine or N=..,K=..,D=..,metric=..")
-    shape.setdefault("metric", "l2")
-    return shape
+SHAPE_FORMAT = harness.ShapeFormat("{N}x{K}x{D}[:{metric}]", label="{N}x{K}x{D}[ {metric}]",
+                                   words={"metric": ("l2", "cosine")})
 
 
 def input_bytes(shape: dict, dtype: str) -> int:
     return (shape["N"] + shape["K"]) * shape["D"] * harness.element_size(dtype)
 
 
-def make_inputs(shape: dict, device: torch.device, dtype: str, seed: int = 0):
-    """(x [N, D], codebook [K, D]) in the dtype's storage type on device."""
+def vectors_near_codes(n: int, k: int, d: int, seed: int = 0):
+    """(x [n, d], codebook [k, d]), float32 on CPU: codebook ~ N(0, 1), each x a random code
+    plus N(0, 0.3^2) noise, as in a trained quantizer (the quantizer family uses them too)."""
     generator = torch.Generator().manual_seed(seed)
-    n, k, d = shape["N"], shape["K"], shape["D"]
     codebook = torch.randn(k, d, generator=generator)
     x = codebook[torch.randint(0, k, (n,), generator=generator)]
     x += 0.3 * torch.randn(n, d, generator=generator)
+    return x, codebook
+
+
+def make_inputs(shape: dict, device: torch.device, dtype: str, seed: int = 0):
+    """(x [N, D], codebook [K, D]) in the dtype's storage type on device."""
+    x, codebook = vectors_near_codes(shape["N"], shape["K"], shape["D"], seed)
     storage = harness.torch_dtype(dtype)
     return x.to(device=device, dtype=storage), codebook.to(device=device, dtype=storage)
 
@@ -119,8 +108,7 @@ FAMILY = harness.register(harness.OpFamily(
     module=__name__,
     shape_sets=SHAPE_SETS,
     input_bytes=input_bytes,
-    shape_label=shape_label,
-    parse_shape=parse_shape,
+    shape_format=SHAPE_FORMAT,
     baseline="torch-addmm-argmin",
     floor="gemm",
     floor_label="GEMM",
@@ -152,11 +140,12 @@ def _streaming_extra(shape: dict, dtype: str) -> int:
 
 for _backend in ("native", "triton"):
     FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}",
-                    available=harness.lgvq_backend_available(_backend),
+                    available=harness.lgvq_backend_available(_backend, "nearest_code"),
                     extra_bytes=_streaming_extra)(_lgvq_factory(_backend))
 
 FAMILY.provider(
-    "lgvq-reference", "lgvq reference", available=harness.lgvq_backend_available("reference"),
+    "lgvq-reference", "lgvq reference",
+    available=harness.lgvq_backend_available("reference", "nearest_code"),
     # float32 scores, the isfinite mask, its masked copy, argmin scratch: ~11 bytes per score
     # (measured 176 MiB at 4096 x 4096), plus upcast/normalised inputs
     extra_bytes=lambda shape, dtype: 11 * _nk(shape) + _normalised_copies(shape),
@@ -201,16 +190,9 @@ def bare_gemm(shape: dict, device: torch.device, dtype: str):
 # --------------------------------------------------------------------------------------------
 
 
-def _vqp_available(device: torch.device) -> tuple[bool, str]:
-    try:
-        import vector_quantize_pytorch  # noqa: F401
-    except Exception as error:  # noqa: BLE001
-        return False, f"vector-quantize-pytorch is not importable ({type(error).__name__}: {error})"
-    return True, ""
-
-
 @FAMILY.provider("vqp-cdist-argmax", "vector-quantize-pytorch -cdist+argmax",
-                 available=_vqp_available,
+                 available=harness.importable("vector_quantize_pytorch",
+                                               "vector-quantize-pytorch"),
                  # float32 distances through ~3 N x K temporaries, then the int64 one-hot and
                  # its float32 copy while the distances are alive
                  extra_bytes=lambda shape, dtype: 16 * _nk(shape) + _normalised_copies(shape))
@@ -245,40 +227,10 @@ def vqp_distance_argmax(shape: dict, device: torch.device, dtype: str):
 
 
 # --------------------------------------------------------------------------------------------
-# targets (DESIGN.md "Performance targets"), computed from the measured rows
+# targets (docs/benchmarks.md, "Targets"), computed from the measured rows
 # --------------------------------------------------------------------------------------------
 
 MEMORY_TARGET_BYTES = 64 * harness.MiB
-
-
-def _find(rows, provider, shape, dtype="float32", device_type="cpu"):
-    for row in rows:
-        if (row.provider == provider and row.dtype == dtype and row.device_type == device_type
-                and row.shape_dict == shape):
-            return row
-    return None
-
-
-def _ratio_target(rows, description, numerator, denominator, shape, bound, at_least, *,
-                  dtype="float32", device_type="cpu"):
-    """Target on median(numerator) / median(denominator) against bound."""
-    label = shape_label(shape)
-    top, bottom = (_find(rows, name, shape, dtype, device_type) for name in (numerator,
-                                                                            denominator))
-    missing = []
-    for name, row in ((numerator, top), (denominator, bottom)):
-        if row is None:
-            missing.append(f"{name} at {label} {dtype} not in this run")
-        elif row.status != "ok":
-            missing.append(f"{name} {row.status}: {row.note}")
-    if missing:
-        return harness.Target(description, "NOT MEASURED", "; ".join(missing))
-    ratio = top.median_s / bottom.median_s
-    met = ratio >= bound if at_least else ratio <= bound
-    detail = (f"{ratio:.2f}x ({numerator} {harness.format_seconds(top.median_s)} / "
-              f"{denominator} {harness.format_seconds(bottom.median_s)}; "
-              f"needs {'>=' if at_least else '<='} {bound}x)")
-    return harness.Target(description, "MET" if met else "NOT MET", detail)
 
 
 def _memory_target(rows, provider, device_type):
@@ -301,17 +253,20 @@ def _memory_target(rows, provider, device_type):
 def targets(rows: list[harness.Row]) -> list[harness.Target]:
     results = []
     if any(row.device_type == "cpu" for row in rows):
-        large = {"N": 16384, "K": 16384, "D": 256, "metric": "l2"}
-        tiny_d = {"N": 65536, "K": 16384, "D": 8, "metric": "l2"}
+        cpu = harness.rows_by_case(rows, "cpu")
+
+        def float32_ratio(description, numerator, denominator, label, **bound):
+            return harness.ratio_target(description, cpu.get((label, "float32"), {}), numerator,
+                                        denominator, where=f"{label} float32", **bound)
+
         results += [
-            _ratio_target(rows, "native CPU vs torch addmm+argmin at 16384x16384x256 fp32: "
-                          ">= 1.3x faster", "torch-addmm-argmin", "lgvq-native", large, 1.3,
-                          at_least=True),
-            _ratio_target(rows, "native CPU at 16384x16384x256 fp32: <= 1.15x the bare GEMM",
-                          "lgvq-native", "gemm", large, 1.15, at_least=False),
-            _ratio_target(rows, "native CPU vs torch addmm+argmin at 65536x16384x8 fp32: "
-                          ">= 5x faster", "torch-addmm-argmin", "lgvq-native", tiny_d, 5.0,
-                          at_least=True),
+            float32_ratio("native CPU vs torch addmm+argmin at 16384x16384x256 fp32: >= 1.3x "
+                          "faster", "torch-addmm-argmin", "lgvq-native", "16384x16384x256",
+                          at_least=1.3),
+            float32_ratio("native CPU at 16384x16384x256 fp32: <= 1.15x the bare GEMM",
+                          "lgvq-native", "gemm", "16384x16384x256", at_most=1.15),
+            float32_ratio("native CPU vs torch addmm+argmin at 65536x16384x8 fp32: >= 5x faster",
+                          "torch-addmm-argmin", "lgvq-native", "65536x16384x8", at_least=5.0),
             _memory_target(rows, "lgvq-native", "cpu"),
         ]
     if any(row.device_type == "cuda" for row in rows):
@@ -326,10 +281,11 @@ def _gpu_gemm_target(rows, provider, dtype):
     description = (f"{provider} on GPU within 1.3x of the cuBLAS GEMM (same shape, {dtype}), "
                    "every shape")
     ratios, missing = [], []
+    cuda = harness.rows_by_case(rows, "cuda")
     for row in rows:
         if row.provider != provider or row.dtype != dtype or row.device_type != "cuda":
             continue
-        gemm = _find(rows, "gemm", row.shape_dict, dtype, "cuda")
+        gemm = cuda[(row.shape, dtype)].get("gemm")
         if row.status != "ok" or gemm is None or gemm.status != "ok":
             missing.append(row.shape)
             continue

@@ -3,8 +3,9 @@ only) of lgvq.VectorQuantizer on each backend, against vector-quantize-pytorch's
 with the same settings (rotation trick off, EMA, decay 0.8, commitment weight 1).
 
 Shape dict: {"N": vectors per step, "K": codes, "D": dim, "mode": "train" | "infer"}.
-Inputs: codebook ~ N(0, 1) copied into every layer; x = a random code plus N(0, 0.3^2) noise,
-shaped [1, N, D] (channel-last), requires_grad in "train" mode.
+Inputs: the nearest-code family's vectors near codes: codebook ~ N(0, 1) copied into every
+layer; x = a random code plus N(0, 0.3^2) noise, shaped [1, N, D] (channel-last),
+requires_grad in "train" mode.
 
 Providers:
   lgvq-native / lgvq-reference / lgvq-triton   lgvq.VectorQuantizer(..., backend=name)
@@ -13,11 +14,10 @@ Providers:
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from benchmarks import harness
+from benchmarks.nearest_code import input_bytes, vectors_near_codes
 
 SHAPE_SETS = {
     "quick": [{"N": 4096, "K": 512, "D": 64, "mode": "train"},
@@ -32,29 +32,14 @@ SHAPE_SETS = {
 }
 
 
-def shape_label(shape: dict) -> str:
-    return f"{shape['N']}x{shape['K']}x{shape['D']} {shape.get('mode', 'train')}"
-
-
-def parse_shape(text: str) -> dict:
-    match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*(?::\s*(train|infer))?\s*", text)
-    if not match:
-        raise ValueError(f"quantizer shape {text!r}: write NxKxD or NxKxD:infer")
-    n, k, d, mode = match.groups()
-    return {"N": int(n), "K": int(k), "D": int(d), "mode": mode or "train"}
-
-
-def input_bytes(shape: dict, dtype: str) -> int:
-    return (shape["N"] + shape["K"]) * shape["D"] * harness.element_size(dtype)
+SHAPE_FORMAT = harness.ShapeFormat("{N}x{K}x{D}[:{mode}]", label="{N}x{K}x{D} {mode}",
+                                   words={"mode": ("train", "infer")})
 
 
 def make_inputs(shape: dict, device: torch.device, dtype: str, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    codebook = torch.randn(shape["K"], shape["D"], generator=generator)
-    x = codebook[torch.randint(0, shape["K"], (shape["N"],), generator=generator)]
-    x = x + 0.3 * torch.randn(shape["N"], shape["D"], generator=generator)
-    storage = harness.torch_dtype(dtype)
-    return x[None].to(device=device, dtype=storage), codebook.to(device)
+    """(x [1, N, D] in the dtype's storage type, codebook [K, D] float32 like the layers')."""
+    x, codebook = vectors_near_codes(shape["N"], shape["K"], shape["D"], seed)
+    return x[None].to(device=device, dtype=harness.torch_dtype(dtype)), codebook.to(device)
 
 
 def _step(layer, x: torch.Tensor, mode: str):
@@ -80,18 +65,17 @@ def _step(layer, x: torch.Tensor, mode: str):
 def _targets(rows):
     by_case = harness.rows_by_case(rows)
     targets = []
-    for n, k, d in ((16384, 1024, 256), (16384, 16384, 256)):
-        label = f"{n}x{k}x{d} train"
-        found = next((v for (s, _), v in by_case.items() if s == label), {})
+    for label in ("16384x1024x256 train", "16384x16384x256 train"):
+        found = next((case for (shape, _), case in by_case.items() if shape == label), {})
         targets.append(harness.ratio_target(
             f"training step >= 4x faster than vector-quantize-pytorch at {label}: vqp / lgvq",
-            found.get("vqp"), found.get("lgvq-native"), at_least=4))
+            found, "vqp", "lgvq-native", at_least=4, where=label))
     return targets
 
 
 FAMILY = harness.register(harness.OpFamily(
     name="quantizer", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
-    shape_label=shape_label, parse_shape=parse_shape, baseline="vqp", targets=_targets))
+    shape_format=SHAPE_FORMAT, baseline="vqp", targets=_targets))
 
 
 def _lgvq_factory(backend: str):
@@ -116,15 +100,8 @@ for _backend in ("native", "triton", "reference"):
                         _backend, "quantize_straight_through"))(_lgvq_factory(_backend))
 
 
-def _vqp_available(device: torch.device) -> tuple[bool, str]:
-    try:
-        import vector_quantize_pytorch  # noqa: F401
-    except ImportError as error:
-        return False, f"vector-quantize-pytorch is not installed ({error})"
-    return True, ""
-
-
-@FAMILY.provider("vqp", "vector-quantize-pytorch", available=_vqp_available,
+@FAMILY.provider("vqp", "vector-quantize-pytorch",
+                 available=harness.importable("vector_quantize_pytorch", "vector-quantize-pytorch"),
                  extra_bytes=lambda shape, dtype: 4 * 4 * shape["N"] * shape["K"])
 def vqp_layer(shape: dict, device: torch.device, dtype: str):
     from vector_quantize_pytorch import VectorQuantize

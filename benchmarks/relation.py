@@ -15,8 +15,6 @@ Providers:
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from benchmarks import harness
@@ -31,15 +29,7 @@ SHAPE_SETS = {
 }
 
 
-def shape_label(shape: dict) -> str:
-    return f"B{shape['B']} L{shape['L']} M{shape['M']} C{shape['C']}"
-
-
-def parse_shape(text: str) -> dict:
-    match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)x(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"relation shape {text!r}: write BxLxMxC")
-    return dict(zip("BLMC", map(int, match.groups())))
+SHAPE_FORMAT = harness.ShapeFormat("{B}x{L}x{M}x{C}", label="B{B} L{L} M{M} C{C}")
 
 
 def input_bytes(shape: dict, dtype: str) -> int:
@@ -61,14 +51,14 @@ def make_inputs(shape: dict, device: torch.device, dtype: str, seed: int = 0):
 def _targets(rows):
     return [harness.ratio_target(f"fused op faster than the paper's per-word loop at {shape} "
                                  f"({dtype}): loop / native",
-                                 found.get("paper-loop"), found.get("lgvq-native"), at_least=1)
+                                 found, "paper-loop", "lgvq-native", at_least=1)
             for (shape, dtype), found in sorted(harness.rows_by_case(rows).items())
             if "paper-loop" in found and "lgvq-native" in found]
 
 
 FAMILY = harness.register(harness.OpFamily(
     name="relation", module=__name__, shape_sets=SHAPE_SETS, input_bytes=input_bytes,
-    shape_label=shape_label, parse_shape=parse_shape, baseline="lgvq-reference",
+    shape_format=SHAPE_FORMAT, baseline="lgvq-reference",
     targets=_targets))
 
 

@@ -1,5 +1,5 @@
-"""Run benchmark providers x shapes x dtypes, print a markdown table and the DESIGN.md targets,
-and save the results (CSV rows appended, a dated markdown file, a PNG plot).
+"""Run benchmark providers x shapes x dtypes, print a markdown table and the targets of
+docs/benchmarks.md, and save the results (CSV rows appended, a dated markdown file, a PNG plot).
 
     python -m benchmarks.report --quick                      # small shapes, < ~1 minute
     python -m benchmarks.report                              # the full CPU set (minutes)
@@ -8,7 +8,7 @@ and save the results (CSV rows appended, a dated markdown file, a PNG plot).
 
 Columns: median / p20–p80 (seconds per call after warm-up), speed-up vs the op's baseline
 (baseline median / this median), "x <floor>" (this median / the floor's median, e.g. the bare
-GEMM), peak extra memory in MiB (see benchmarks/harness.py for how it is measured).
+GEMM), peak extra memory in MiB (see benchmarks/harness/memory.py for how it is measured).
 Targets are evaluated from the measured numbers: MET / NOT MET / NOT MEASURED.
 """
 
@@ -25,6 +25,7 @@ import time
 import torch
 
 from benchmarks import harness
+from lgvq.files import atomic_path, atomic_write
 
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 CSV_NAME = "results.csv"
@@ -239,16 +240,11 @@ def plot(family: harness.OpFamily, rows: list[harness.Row], path: str, title: st
     axes[0, 0].legend(fontsize=7, ncol=2)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return None
 
 
@@ -343,7 +339,7 @@ def main(argv=None) -> int:
             print("\nunavailable providers:")
             print("\n".join(unavailable))
         if targets:
-            print("\ntargets (DESIGN.md, from the numbers above):")
+            print("\ntargets (docs/benchmarks.md, from the numbers above):")
             for target in targets:
                 print("  " + target.line())
         summary = summary_table(family, rows)
@@ -362,14 +358,14 @@ def main(argv=None) -> int:
             "p20–p80 spread; first call excluded",
             f"- {memory}", f"- {load}", "", table, "",
             *(["Unavailable providers:", "", *unavailable, ""] if unavailable else []),
-            *(["Targets (DESIGN.md), from these numbers:", "",
+            *(["Targets (docs/benchmarks.md), from these numbers:", "",
                *[f"- {t.line()}" for t in targets], ""] if targets else []),
             f"![{op}]({stem}.png)", "", ""])
         previous = ""
         if os.path.exists(markdown_path):
             with open(markdown_path) as f:
                 previous = f.read()
-        harness.atomic_write(markdown_path, (previous or f"# {op} benchmarks\n\n") + section)
+        atomic_write(markdown_path, (previous or f"# {op} benchmarks\n\n") + section)
         csv_path = harness.append_csv(os.path.join(args.out, CSV_NAME), rows)
         written = [csv_path, markdown_path]
         if not args.no_plot:
@@ -382,7 +378,7 @@ def main(argv=None) -> int:
         print("\nwritten: " + ", ".join(os.path.relpath(p) for p in written))
 
     if args.summary:
-        harness.atomic_write(args.summary, "\n\n".join(summaries) + "\n")
+        atomic_write(args.summary, "\n\n".join(summaries) + "\n")
     if failures:
         print(f"\n{failures} case(s) failed with an error (see the note column)")
     return 1 if failures else 0
