@@ -26,7 +26,6 @@ from lgvq.evaluation.metrics import (
 )
 from lgvq.evaluation.report import (
     MeanStd,
-    atomic_write_bytes,
     format_cell,
     mean_and_std,
     save_image_grid,
@@ -41,7 +40,6 @@ __all__ = [
     "MaskedWordRecallMeter",
     "MeanStd",
     "RelationMSEMeter",
-    "atomic_write_bytes",
     "codebook_usage",
     "format_cell",
     "masked_word_recall",
