@@ -75,6 +75,8 @@ def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> t
 
 
 def build_dataset(config: TrainConfig, split: str):
+    """The ``split`` of the configured data set (captioned shapes: ``train_images`` or
+    ``eval_images`` items)."""
     size = config.train_images if split == "train" else config.eval_images
     options = {"size": size} if config.dataset == "shapes" and size else {}
     return build_named_dataset(config.dataset, root=config.data_root or None, split=split,
