@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from lgvq.config import PRESETS, TrainConfig, build_config, parse_overrides
+from lgvq.evaluation.evaluate import evaluate_checkpoint
+from lgvq.training import train
+
 USAGE = __doc__
 
 
 def _train(arguments: list[str]) -> int:
-    from lgvq.config import build_config, parse_overrides
-    from lgvq.training import train
-
     overrides = parse_overrides(arguments)
     preset = overrides.pop("preset", "shapes")
     config = build_config(preset, overrides)
@@ -27,9 +28,6 @@ def _train(arguments: list[str]) -> int:
 
 
 def _eval(arguments: list[str]) -> int:
-    from lgvq.config import parse_overrides
-    from lgvq.evaluate import evaluate_checkpoint
-
     if not arguments or arguments[0].startswith("--"):
         print("lgvq eval: give the checkpoint path first\n" + USAGE, file=sys.stderr)
         return 2
@@ -40,8 +38,6 @@ def _eval(arguments: list[str]) -> int:
 
 
 def _presets() -> int:
-    from lgvq.config import PRESETS, TrainConfig
-
     print("presets:", ", ".join(sorted(PRESETS)))
     for field in dataclasses.fields(TrainConfig):
         print(f"  --{field.name}={field.default!r}")

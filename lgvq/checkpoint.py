@@ -1,16 +1,18 @@
 """Checkpoints in safetensors: model weights, optimizer states, RNG state and the config, in one
-file written atomically (temporary file in the same folder, fsync, os.replace), so that a kill at
-any moment leaves the last good checkpoint in place."""
+file written atomically (lgvq.files), so that a kill at any moment leaves the last good
+checkpoint in place."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from lgvq.files import atomic_path
 
 FORMAT_VERSION = "1"
 
@@ -46,8 +48,6 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                     modules: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write everything needed for an exact resume to ``path`` atomically. ``modules``: other
     trained modules (e.g. the discriminator), stored under ``module.<name>.``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().clone()
                for k, v in model.state_dict().items()}
     for name, module in (modules or {}).items():
@@ -63,29 +63,13 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
         "optimizers": json.dumps(optimizer_meta),
         "extra": json.dumps(extra or {}),
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+    return Path(path)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a checkpoint without loading its tensors: step, config, extra."""
-    from safetensors import SafetensorError, safe_open
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -109,8 +93,6 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     meta = read_checkpoint_metadata(path)
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as stream:
         optimizer_meta = json.loads(stream.metadata()["optimizers"])
     tensors = load_file(str(path))

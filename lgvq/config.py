@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from lgvq.quantizers.build import TAMING_LEGACY_WEIGHTS
+
 
 @dataclass
 class TrainConfig:
@@ -22,8 +24,9 @@ class TrainConfig:
     res_blocks: int = 1  # residual blocks per level
     code_dim: int = 32  # D: width of the codes
     codebook_size: int = 128  # K
-    quantizer: str = "ema"  # ema | learnable | cvq
-    commitment_weight: float = 0.25  # beta of the VQ loss
+    quantizer: str = "ema"  # ema | learnable | cvq (see lgvq.quantizers.build_quantizer)
+    commitment_weight: float = 0.25  # weight of |x - sg(e)|^2 (beta of the VQ-VAE paper)
+    codebook_weight: float = 1.0  # weight of |sg(x) - e|^2 (learnable and cvq codebooks)
     ema_decay: float = 0.95  # EMA decay of the codebook (ema quantizer)
     dead_code_threshold: float = 0.5  # EMA count under which a code is re-seeded from the batch
     disc_start: int = 10_000  # step at which the PatchGAN loss starts (vqgan)
@@ -37,6 +40,7 @@ class TrainConfig:
     alpha: float = 1e-3  # weight of global semantic alignment (InfoNCE)
     beta: float = 1e-2  # weight of masked text prediction
     gamma: float = 1e-4  # weight of relationship alignment
+    label_smoothing: float = 0.1  # of the masked-word cross-entropy (the public code's)
     text_encoder: str = "minilm"  # minilm, or a local CLIP/BERT folder
     max_text_length: int = 30  # text tokens kept per caption
     mask_before_encoding: bool = False  # mask words, then encode (honest) vs paper behaviour
@@ -75,6 +79,16 @@ class TrainConfig:
         return cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
 
 
+# the paper's settings (GPU): 256x256, f=16, K=1024, D=256, lr 4.5e-6 x batch 8, and the
+# official code's quantizer: taming's learnable codebook, commitment 1.0 and codebook 0.25
+_PAPER: dict = {
+    "image_size": 256, "backbone": "vqgan", "base_channels": 128,
+    "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
+    "codebook_size": 1024, "quantizer": "learnable", **TAMING_LEGACY_WEIGHTS, "batch_size": 8,
+    "learning_rate": 4.5e-6 * 8, "train_images": 0, "checkpoint_every": 2000,
+    "sample_every": 2000,
+}
+
 PRESETS: dict[str, dict] = {
     # sized for 2 CPU cores: 32x32 captioned shapes, 8x8 tokens, about 3 minutes per run on
     # one core. The language weights are 100x the paper's: with an L1-only 32x32 tokenizer the
@@ -89,25 +103,12 @@ PRESETS: dict[str, dict] = {
                     "eval_images": 64, "steps": 30, "batch_size": 8,
                     "base_channels": 16, "code_dim": 16, "codebook_size": 32,
                     "checkpoint_every": 10, "log_every": 5, "sample_every": 30},
-    # the paper's settings (GPU): 256x256, f=16, K=1024, D=256, lr 4.5e-6 x batch 8
-    "cub": {"dataset": "cub", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
-            "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
-            "codebook_size": 1024, "quantizer": "learnable", "commitment_weight": 0.25,
-            "alpha": 1e-3, "beta": 1e-3, "gamma": 1e-3, "batch_size": 8,
-            "learning_rate": 4.5e-6 * 8, "steps": 200_000, "train_images": 0,
-            "out_dir": "runs/cub", "checkpoint_every": 2000, "sample_every": 2000},
-    "celeba": {"dataset": "celeba", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
-               "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
-               "codebook_size": 1024, "quantizer": "learnable", "alpha": 1e-3, "beta": 1e-2,
-               "gamma": 1e-4, "batch_size": 8, "learning_rate": 4.5e-6 * 8, "steps": 200_000,
-               "train_images": 0, "out_dir": "runs/celeba", "checkpoint_every": 2000,
-               "sample_every": 2000},
-    "coco": {"dataset": "coco", "image_size": 256, "backbone": "vqgan", "base_channels": 128,
-             "channel_multipliers": (1, 1, 2, 2, 4), "res_blocks": 2, "code_dim": 256,
-             "codebook_size": 1024, "quantizer": "learnable", "alpha": 1e-3, "beta": 1e-2,
-             "gamma": 1e-4, "batch_size": 8, "learning_rate": 4.5e-6 * 8, "steps": 400_000,
-             "train_images": 0, "out_dir": "runs/coco", "checkpoint_every": 2000,
-             "sample_every": 2000},
+    "cub": {**_PAPER, "dataset": "cub", "alpha": 1e-3, "beta": 1e-3, "gamma": 1e-3,
+            "steps": 200_000, "out_dir": "runs/cub"},
+    "celeba": {**_PAPER, "dataset": "celeba", "alpha": 1e-3, "beta": 1e-2, "gamma": 1e-4,
+               "steps": 200_000, "out_dir": "runs/celeba"},
+    "coco": {**_PAPER, "dataset": "coco", "alpha": 1e-3, "beta": 1e-2, "gamma": 1e-4,
+             "steps": 400_000, "out_dir": "runs/coco"},
 }
 
 

@@ -10,11 +10,24 @@ Other --key=value pairs are training-config overrides (see `lgvq presets`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import json
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from lgvq.checkpoint import load_checkpoint
+from lgvq.config import build_config, parse_overrides
+from lgvq.evaluation.evaluate import evaluate_model
+from lgvq.evaluation.report import mean_and_std, write_markdown_report
+from lgvq.files import atomic_path, atomic_write
+from lgvq.text import TextFeatureCache, load_text_encoder
+from lgvq.training import CHECKPOINT_NAME, build_dataset, build_model, train
 
 METRICS = [  # (key, label, higher is better)
     ("recall_at_1_one_word", "masked-word Recall@1 (1 word)", True),
@@ -61,8 +74,8 @@ def _plot_losses(runs: dict[str, list[Path]], path: Path) -> None:
         axis.set(title=title, xlabel="step")
         axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
 
 
@@ -72,16 +85,6 @@ _WORKER_TEXT_ENCODER = None  # one frozen text encoder per worker process
 def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
     """One demo run in a worker process: train (or continue) and evaluate; returns the scores,
     which are also written to ``metrics.json`` in the run folder."""
-    import json
-
-    import torch
-
-    from lgvq.checkpoint import load_checkpoint
-    from lgvq.config import build_config
-    from lgvq.evaluate import evaluate_model
-    from lgvq.text import load_text_encoder
-    from lgvq.training import CHECKPOINT_NAME, build_model, train
-
     global _WORKER_TEXT_ENCODER
     torch.set_num_threads(threads)
     if _WORKER_TEXT_ENCODER is None:  # a fresh worker: keep it to its share of the cores
@@ -115,9 +118,7 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
     config.resume = False
     scores.update(steps=config.steps, train_seconds=train_seconds,
                   eval_seconds=time.perf_counter() - started, config=config.to_dict())
-    temporary = scores_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(scores, indent=2))
-    temporary.replace(scores_path)
+    atomic_write(scores_path, json.dumps(scores, indent=2))
     print(f"[demo] {name} done in {train_seconds / 60:.1f} min: " + ", ".join(
         f"{k}={scores[k]:.4g}" for k, _, _ in METRICS), flush=True)
     return scores
@@ -127,16 +128,6 @@ def run_demo(seeds: list[int], out_dir: Path, overrides: dict, *, workers: int =
              threads: int = 1) -> dict:
     """Train baseline and LG-VQ for every seed (``workers`` processes of ``threads`` torch
     threads each), evaluate them and write the side-by-side report to ``out_dir``."""
-    import concurrent.futures
-    import multiprocessing
-
-    import torch
-
-    from lgvq.config import build_config
-    from lgvq.evaluation.report import mean_and_std, write_markdown_report
-    from lgvq.text import TextFeatureCache, load_text_encoder
-    from lgvq.training import build_dataset
-
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     base = build_config("shapes", overrides)
@@ -223,8 +214,6 @@ def run_demo(seeds: list[int], out_dir: Path, overrides: dict, *, workers: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lgvq.config import parse_overrides
-
     overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
     seeds = [int(s) for s in overrides.pop("seeds", "0,1,2").split(",") if s.strip()]
     out_dir = Path(overrides.pop("out_dir", "runs/demo"))

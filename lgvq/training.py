@@ -8,6 +8,8 @@ checkpoint, a resumed run continues bit for bit like an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import enum
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -15,18 +17,43 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from lgvq.alignment import draw_mask_ratio
 from lgvq.checkpoint import load_checkpoint, save_checkpoint
 from lgvq.config import TrainConfig
-from lgvq.language_guided import LGVQ, LanguageLossWeights
+from lgvq.data import build_dataset as build_named_dataset
+from lgvq.data import draw_one_caption_per_image
+from lgvq.data_parallel import init_parallel, resolve_device
+from lgvq.evaluation.metrics import psnr
+from lgvq.evaluation.report import save_image_grid
+from lgvq.files import atomic_write
+from lgvq.models import (
+    LGVQ,
+    BackboneConfig,
+    LanguageLossWeights,
+    VQModelConfig,
+    build_vqgan,
+    build_vqvae,
+)
+from lgvq.text import TextFeatureCache, load_text_encoder
 
 CHECKPOINT_NAME = "last.safetensors"
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: decorrelates (seed, step) pairs
 
 
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+class RandomStream(enum.IntEnum):
+    """The independent random draws of one training step; the values are the seeds' stream
+    numbers, so they must never change (a resumed or repeated run would draw differently)."""
+
+    BATCH_ORDER = 1  # the permutation of an epoch (the "step" of this stream is the epoch)
+    CAPTION_DRAW = 2  # which caption of each image the step trains on
+    WORD_MASKS = 3  # the masking ratio and the masked words
+
+
+def step_generator(seed: int, step: int, stream: RandomStream) -> torch.Generator:
     """A torch.Generator that depends only on (seed, step, stream)."""
-    value = (seed * _MIX + step * 1_000_003 + stream * 7919) % (2**63 - 1)
+    value = (seed * _MIX + step * 1_000_003 + int(stream) * 7919) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
 
 
@@ -35,16 +62,11 @@ def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> t
     of an epoch wraps into the next epoch's permutation."""
     start = step * batch_size
     epoch_first, epoch_last = start // dataset_size, (start + batch_size - 1) // dataset_size
-    order = torch.cat([torch.randperm(dataset_size, generator=step_generator(seed, e, 1))
+    order = torch.cat([torch.randperm(dataset_size,
+                                     generator=step_generator(seed, e, RandomStream.BATCH_ORDER))
                        for e in range(epoch_first, epoch_last + 1)])
     offset = start - epoch_first * dataset_size
     return order[offset:offset + batch_size]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,30 +75,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_dataset(config: TrainConfig, split: str):
-    from lgvq.data import build_dataset as build
-
+    """The ``split`` of the configured data set (captioned shapes: ``train_images`` or
+    ``eval_images`` items)."""
     size = config.train_images if split == "train" else config.eval_images
     options = {"size": size} if config.dataset == "shapes" and size else {}
-    return build(config.dataset, root=config.data_root or None, split=split,
-                 image_size=config.image_size, **options)
+    return build_named_dataset(config.dataset, root=config.data_root or None, split=split,
+                               image_size=config.image_size, **options)
 
 
-def build_quantizer(config: TrainConfig) -> nn.Module:
-    from lgvq.quantizers import ClusteredVectorQuantizer, VectorQuantizer
-
-    if config.quantizer == "cvq":
-        return ClusteredVectorQuantizer(dim=config.code_dim, codebook_size=config.codebook_size,
-                                        commitment_weight=config.commitment_weight,
-                                        backend=config.backend)
-    learnable = config.quantizer == "learnable"
-    if config.quantizer not in ("ema", "learnable"):
-        raise ValueError(f"quantizer must be ema, learnable or cvq, got {config.quantizer!r}")
-    return VectorQuantizer(
-        dim=config.code_dim, codebook_size=config.codebook_size, decay=config.ema_decay,
-        ema_update=not learnable, learnable_codebook=learnable,
-        commitment_weight=config.commitment_weight,
-        threshold_ema_dead_code=0.0 if learnable else config.dead_code_threshold,
-        kmeans_init=not learnable, kmeans_iters=5, backend=config.backend)
+def quantizer_kwargs(config: TrainConfig) -> dict:
+    """``build_quantizer``'s arguments (besides dim and K) from the training config."""
+    return {"kind": config.quantizer, "commitment_weight": config.commitment_weight,
+            "codebook_weight": config.codebook_weight, "ema_decay": config.ema_decay,
+            "dead_code_threshold": config.dead_code_threshold, "backend": config.backend}
 
 
 def build_backbone(config: TrainConfig):
@@ -84,8 +95,6 @@ def build_backbone(config: TrainConfig):
     ``BuiltVQModel(model, loss)``): L1 + VQ for ``vqvae``; for ``vqgan`` also LPIPS (when
     ``lpips_weights`` exists locally, else a warning) and the adaptive-weight hinge PatchGAN
     term from step ``disc_start`` on."""
-    from lgvq.models import BackboneConfig, VQModelConfig, build_vqgan, build_vqvae
-
     builders = {"vqvae": build_vqvae, "vqgan": build_vqgan}
     if config.backbone not in builders:
         raise ValueError(f"backbone must be vqvae or vqgan, got {config.backbone!r}")
@@ -94,11 +103,12 @@ def build_backbone(config: TrainConfig):
                               num_res_blocks=config.res_blocks, z_channels=config.code_dim)
     vq_config = VQModelConfig(backbone=backbone, embed_dim=config.code_dim,
                               codebook_size=config.codebook_size,
+                              quantizer_kwargs=quantizer_kwargs(config),
                               lpips_weights_path=config.lpips_weights or None,
                               disc_start=config.disc_start, disc_weight=config.disc_weight,
                               disc_layers=config.disc_layers,
                               disc_channels=config.disc_channels)
-    return builders[config.backbone](vq_config, quantizer=lambda: build_quantizer(config))
+    return builders[config.backbone](vq_config)
 
 
 def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None = None) -> LGVQ:
@@ -106,7 +116,8 @@ def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None =
     tokenizer = build_backbone(config).model if tokenizer is None else tokenizer
     grid = config.image_size // 2 ** (len(config.channel_multipliers) - 1)
     weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma,
-                                  temperature=config.temperature)
+                                  temperature=config.temperature,
+                                  label_smoothing=config.label_smoothing)
     return LGVQ(tokenizer, code_dim=config.code_dim, num_tokens=grid * grid,
                 text_width=text_encoder.width, global_width=text_encoder.global_dim,
                 max_length=text_encoder.max_length,
@@ -127,85 +138,22 @@ class Batch:
 
 
 def load_batch(dataset, config: TrainConfig, step: int) -> Batch:
-    from lgvq.data import draw_one_caption_per_image
-
     indices = batch_indices(config.seed, step, config.batch_size, len(dataset))
     items = [dataset[int(i)] for i in indices]
     images = torch.stack([item["image"] for item in items])
     captions = draw_one_caption_per_image([item["captions"] for item in items],
-                                          generator=step_generator(config.seed, step, 2))
+                                          generator=step_generator(config.seed, step,
+                                                                   RandomStream.CAPTION_DRAW))
     return Batch(images, captions)
 
 
 def mask_words(text_encoder, text, config: TrainConfig, step: int):
     """The masked slots of this step: one ratio per batch, each real word masked with it."""
-    from lgvq.alignment import draw_mask_ratio
-
-    generator = step_generator(config.seed, step, 3)
+    generator = step_generator(config.seed, step, RandomStream.WORD_MASKS)
     ratio = draw_mask_ratio(generator)
     masked_ids, masked = text_encoder.mask_tokens(text.ids.cpu(), text.attention_mask.cpu(),
                                                   text.special_mask.cpu(), ratio, generator)
     return masked_ids, masked
-
-
-# ----------------------------------------------------------------------------------------------
-# data parallel (torchrun)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Parallel:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, batch_size: int) -> slice:
-        """This rank's rows of a global batch of ``batch_size``."""
-        if batch_size % self.world:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
-                             f"processes ({self.world})")
-        per_rank = batch_size // self.world
-        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def average_gradients(self, parameters) -> None:
-        """Average the gradients of ``parameters`` over ranks with one flat all-reduce (a
-        parameter without a gradient on this rank contributes zeros, so every rank sends the
-        same layout)."""
-        if self.world == 1:
-            return
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        parameters = [p for p in parameters if p.requires_grad]
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        grads = [p.grad for p in parameters]
-        flat = _flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(averaged)
-
-
-def init_parallel(device: torch.device) -> tuple[Parallel, torch.device]:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, nccl
-    on CUDA (one GPU per local rank). A single process needs no launcher."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Parallel(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Parallel(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,12 +167,6 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
 
     progress: a tqdm bar; log_prefix: instead (or as well), print one line per metrics row.
     """
-    from tqdm import tqdm
-
-    from lgvq.evaluation.metrics import psnr
-    from lgvq.evaluation.report import save_image_grid
-    from lgvq.text import TextFeatureCache, load_text_encoder
-
     if config.threads:
         torch.set_num_threads(config.threads)
     parallel, device = init_parallel(resolve_device(config.device))
@@ -364,18 +306,19 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
     kept = [row for row in rows if int(row["step"]) <= last_step]
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as stream:
-        if kept:
-            writer = csv.DictWriter(stream, fieldnames=list(kept[0]))
-            writer.writeheader()
-            writer.writerows(kept)
-    os.replace(temporary, path)
     if not kept:
         path.unlink()
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(kept[0]))
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write(path, text.getvalue())
 
 
 def _append_csv(path: Path, row: dict) -> None:
+    """Append one row and sync it to disk (a log grows by appends; only its truncation on
+    resume rewrites the file, atomically)."""
     new = not path.exists()
     with open(path, "a", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(row))
@@ -386,5 +329,6 @@ def _append_csv(path: Path, row: dict) -> None:
         os.fsync(stream.fileno())
 
 
-__all__ = ["train", "build_model", "build_backbone", "batch_indices", "step_generator",
-           "CHECKPOINT_NAME", "Parallel", "init_parallel"]
+__all__ = ["train", "build_model", "build_backbone", "build_dataset", "batch_indices",
+           "load_batch", "mask_words", "quantizer_kwargs", "step_generator", "RandomStream",
+           "CHECKPOINT_NAME"]

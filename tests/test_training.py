@@ -12,7 +12,8 @@ import torch
 
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from lgvq.config import build_config, parse_overrides
-from lgvq.training import batch_indices
+from lgvq.quantizers import TamingVectorQuantizer, VectorQuantizer
+from lgvq.training import batch_indices, build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,32 @@ def test_batch_order_is_a_function_of_seed_and_step():
     counts = torch.bincount(torch.cat(first), minlength=20)
     assert bool((counts == 2).all())
     assert not torch.equal(batch_indices(1, 0, 8, 20), first[0])
+
+
+@pytest.mark.parametrize("preset", ["cub", "celeba", "coco"])
+def test_paper_presets_train_the_codebook_like_the_official_lgvq_code(preset):
+    """LG-VQ's official code quantizes with taming's VectorQuantizer2 (legacy=True, beta=0.25):
+    loss = |x - sg(e)|^2 + 0.25 |sg(x) - e|^2, a learnable codebook, no EMA. The paper presets
+    must build that quantizer (commitment 1.0, codebook 0.25), not the VQ-VAE weighting."""
+    small = {"image_size": "32", "base_channels": "8", "channel_multipliers": "1,2",
+             "res_blocks": "1", "code_dim": "8", "codebook_size": "16", "backbone": "vqvae"}
+    quantizer = build_backbone(build_config(preset, small)).model.quantizer
+    assert isinstance(quantizer, VectorQuantizer)
+    assert quantizer.learnable_codebook and not quantizer.ema_update
+    assert (quantizer.commitment_weight, quantizer.codebook_weight) == (1.0, 0.25)
+
+    # the same gradients as taming's quantizer on the same codebook and input
+    taming = TamingVectorQuantizer(16, 8, beta=0.25, legacy=True, backend="reference")
+    with torch.no_grad():
+        taming.embedding.weight.copy_(quantizer.codebook)
+    features = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    ours_input = features.clone().requires_grad_()
+    theirs_input = features.clone().requires_grad_()
+    quantizer.backend = "reference"
+    quantizer(ours_input.flatten(2).transpose(1, 2))[2].backward()
+    taming(theirs_input)[1].backward()
+    torch.testing.assert_close(ours_input.grad, theirs_input.grad)
+    torch.testing.assert_close(quantizer.codebooks.grad[0], taming.embedding.weight.grad)
 
 
 def test_checkpoint_round_trip_and_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

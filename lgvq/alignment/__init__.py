@@ -1,7 +1,7 @@
 """LG-VQ's language-alignment heads: semantic alignment (global InfoNCE + masked text
 prediction) and relationship alignment."""
 
-from lgvq.alignment.relation import RelationAlignment
+from lgvq.alignment.relation import RelationAlignmentHead
 from lgvq.alignment.semantic import (
     MaskedTextDecoder,
     MaskedWordHead,
@@ -14,7 +14,7 @@ from lgvq.alignment.semantic import (
 __all__ = [
     "MaskedTextDecoder",
     "MaskedWordHead",
-    "RelationAlignment",
+    "RelationAlignmentHead",
     "VisualTokenEncoder",
     "draw_mask_ratio",
     "global_semantic_alignment_loss",

@@ -1,4 +1,4 @@
-"""LG-VQ's Relationship Alignment Module (LGVQ_METHOD.md): word-to-word relations of the text
+"""LG-VQ's Relationship Alignment Module (docs/method.md): word-to-word relations of the text
 transferred to the codes aligned with each word, through the fused relation_alignment_loss op.
 """
 
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 import lgvq_kernels
 
 
-class RelationAlignment(nn.Module):
+class RelationAlignmentHead(nn.Module):
     """g = Linear(D → C) → GELU → LayerNorm projects the straight-through codes to the text
     width; the loss compares the normalised Gram matrix of the codes aligned to each word with
     the Gram matrix of the words (see lgvq_kernels.relation_alignment_loss).

@@ -1,4 +1,4 @@
-"""LG-VQ's Semantic Alignment Module (LGVQ_METHOD.md): the visual-token encoder, global
+"""LG-VQ's Semantic Alignment Module (docs/method.md): the visual-token encoder, global
 semantic alignment (InfoNCE image→text) and masked text prediction (masked decoder + MLM head
 tied to the frozen text encoder's token-embedding table).
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lgvq.layers import PostNormDecoderLayer, PreNormBlock
+from lgvq.alignment.layers import PostNormDecoderLayer, PreNormBlock
 
 
 class VisualTokenEncoder(nn.Module):
@@ -48,7 +48,7 @@ class VisualTokenEncoder(nn.Module):
 
 
 def global_semantic_alignment_loss(image_embedding: Tensor, text_embedding: Tensor,
-                                   temperature: float = 1.0) -> Tensor:
+                                   temperature: float) -> Tensor:
     """InfoNCE image→text with in-batch negatives.
 
     image_embedding ``[B, G]`` (e_CLS mapped to the global width), text_embedding ``[B, G]``
@@ -114,12 +114,16 @@ class MaskedWordHead(nn.Module):
         return h @ self.token_embedding.t().to(h.dtype) + self.bias
 
 
-def masked_word_loss(logits: Tensor, target_ids: Tensor, masked: Tensor,
-                     label_smoothing: float = 0.1) -> Tensor:
-    """Cross-entropy with label smoothing over masked slots only (0 when nothing is masked).
+def masked_word_loss(word_head: MaskedWordHead, hidden: Tensor, target_ids: Tensor,
+                     masked: Tensor, label_smoothing: float) -> Tensor:
+    """Cross-entropy with label smoothing of the word head's predictions at the masked slots.
 
-    logits ``[B, T, V]``, target_ids int64 ``[B, T]``, masked bool ``[B, T]``.
+    hidden ``[B, T, C]`` (the masked text decoder's output), target_ids int64 ``[B, T]``, masked
+    bool ``[B, T]``. The vocabulary projection runs only at the masked slots (``[masked, V]``,
+    not ``[B, T, V]``). With nothing masked the loss is zero, kept in the graph of ``hidden`` so
+    that the decoder still receives a (zero) gradient, as on any other step.
     """
     if not bool(masked.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[masked], target_ids[masked], label_smoothing=label_smoothing)
+        return hidden.sum() * 0.0
+    logits = word_head(hidden[masked])
+    return F.cross_entropy(logits, target_ids[masked], label_smoothing=label_smoothing)

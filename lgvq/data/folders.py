@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from lgvq.data.shapes import image_array_to_tensor
+from lgvq.data.images import image_array_to_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

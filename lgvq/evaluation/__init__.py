@@ -1,4 +1,4 @@
-"""Evaluation of VQ tokenizers and LG-VQ that needs no external weights (LGVQ_METHOD.md,
+"""Evaluation of VQ tokenizers and LG-VQ that needs no external weights (docs/method.md,
 "Evaluation"): PSNR, codebook usage, masked-word Recall@1, word-to-code relation MSE,
 image→text retrieval with e_CLS, and markdown / PNG reports.
 
@@ -22,16 +22,15 @@ from lgvq.evaluation.metrics import (
     psnr,
     relation_mse,
     retrieval_accuracy,
-    word_token_mask,
 )
 from lgvq.evaluation.report import (
     MeanStd,
-    atomic_write_bytes,
     format_cell,
     mean_and_std,
     save_image_grid,
     write_markdown_report,
 )
+from lgvq.evaluation.words import word_token_mask
 
 __all__ = [
     "PSNR_CAP_DB",
@@ -41,7 +40,6 @@ __all__ = [
     "MaskedWordRecallMeter",
     "MeanStd",
     "RelationMSEMeter",
-    "atomic_write_bytes",
     "codebook_usage",
     "format_cell",
     "masked_word_recall",

@@ -1,4 +1,4 @@
-"""Evaluation measures of LG-VQ that need no external weights (LGVQ_METHOD.md, "Evaluation"):
+"""Evaluation measures of LG-VQ that need no external weights (docs/method.md, "Evaluation"):
 PSNR, codebook usage, masked-word Recall@1, word-to-code relation MSE and image→text retrieval
 with e_CLS.
 
@@ -12,12 +12,14 @@ pairs, G embedding width, C text-token width, M visual tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+import lgvq_kernels
+from lgvq.evaluation.checks import check_bool_mask, check_tensor
 from lgvq.text.encoder import mask_word_tokens
 
 __all__ = [
@@ -32,25 +34,7 @@ __all__ = [
     "psnr",
     "relation_mse",
     "retrieval_accuracy",
-    "word_token_mask",
 ]
-
-
-def _check_tensor(name: str, value, dims: int | None = None) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if dims is not None and value.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(value.shape)}")
-    return value
-
-
-def _check_bool_mask(name: str, value, shape: torch.Size) -> Tensor:
-    _check_tensor(name, value)
-    if value.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {value.dtype}")
-    if value.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +66,8 @@ def psnr(reconstruction: Tensor, target: Tensor, data_range: float = 2.0, *,
     Returns:
         float32 ``[B]``: one PSNR per image (the caller reports the mean).
     """
-    _check_tensor("reconstruction", reconstruction)
-    _check_tensor("target", target)
+    check_tensor("reconstruction", reconstruction)
+    check_tensor("target", target)
     if reconstruction.shape != target.shape:
         raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target "
                          f"{tuple(target.shape)} must have the same shape")
@@ -121,7 +105,7 @@ class CodebookUsageStats(NamedTuple):
     counts: Tensor
 
 
-def _usage_from_counts(counts: Tensor) -> CodebookUsageStats:
+def _usage_stats(counts: Tensor) -> CodebookUsageStats:
     total = int(counts.sum())
     if total == 0:
         raise ValueError("codebook usage needs at least one index (none was given)")
@@ -133,7 +117,7 @@ def _usage_from_counts(counts: Tensor) -> CodebookUsageStats:
 
 
 def _count_codes(indices: Tensor, codebook_size: int) -> Tensor:
-    _check_tensor("indices", indices)
+    check_tensor("indices", indices)
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     if not isinstance(codebook_size, int) or codebook_size < 1:
@@ -158,7 +142,7 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> CodebookUsageStats:
     Returns:
         :class:`CodebookUsageStats` (used fraction, perplexity, int64 counts ``[K]``).
     """
-    return _usage_from_counts(_count_codes(indices, codebook_size))
+    return _usage_stats(_count_codes(indices, codebook_size))
 
 
 class CodebookUsageMeter:
@@ -182,7 +166,7 @@ class CodebookUsageMeter:
     def compute(self) -> CodebookUsageStats:
         if self.counts is None:
             raise ValueError("CodebookUsageMeter.compute() called before any update()")
-        return _usage_from_counts(self.counts.cpu())
+        return _usage_stats(self.counts.cpu())
 
     def reset(self) -> None:
         self.counts = None
@@ -246,7 +230,7 @@ def masked_word_recall(
         token_ids: int64 ``[B, T]`` original token ids (the targets).
         attention_mask: bool ``[B, T]``, True on real tokens.
         candidate_mask: bool ``[B, T]``, True on the tokens that may be masked (see
-            :func:`word_token_mask`).
+            :func:`lgvq.evaluation.words.word_token_mask`).
         num_masked: k >= 1 words masked per caption (the paper: 1 and 3).
         generator: source of randomness for the choice of words (same state, same choice).
         mask_token_id: the id written into masked slots of ``masked_ids``. None leaves the ids
@@ -256,11 +240,11 @@ def masked_word_recall(
     Returns:
         :class:`MaskedWordRecall` ``(hits, total, skipped)``; ``.recall`` = hits / total.
     """
-    _check_tensor("token_ids", token_ids, dims=2)
+    check_tensor("token_ids", token_ids, dims=2)
     if token_ids.dtype != torch.int64:
         raise TypeError(f"token_ids must be int64, got {token_ids.dtype}")
-    _check_bool_mask("attention_mask", attention_mask, token_ids.shape)
-    _check_bool_mask("candidate_mask", candidate_mask, token_ids.shape)
+    check_bool_mask("attention_mask", attention_mask, token_ids.shape)
+    check_bool_mask("candidate_mask", candidate_mask, token_ids.shape)
     if not isinstance(num_masked, int) or num_masked < 1:
         raise ValueError(f"num_masked must be an int >= 1, got {num_masked!r}")
     candidates = candidate_mask.to(token_ids.device) & attention_mask.to(token_ids.device)
@@ -277,7 +261,7 @@ def masked_word_recall(
         masked_ids = token_ids.clone()
     with torch.no_grad():
         logits = predict_fn(masked_ids, masked)
-    _check_tensor("predict_fn's logits", logits, dims=3)
+    check_tensor("predict_fn's logits", logits, dims=3)
     if logits.shape[:2] != token_ids.shape:
         raise ValueError(f"predict_fn must return logits [B, T, V] with [B, T] = "
                          f"{tuple(token_ids.shape)}, got {tuple(logits.shape)}")
@@ -310,97 +294,6 @@ class MaskedWordRecallMeter:
         self.__init__()
 
 
-def word_token_mask(
-    token_ids: Tensor,
-    attention_mask: Tensor,
-    words: Collection[str],
-    *,
-    token_strings: Sequence[str] | None = None,
-    decode_token: Callable[[int], str] | None = None,
-    special_mask: Tensor | None = None,
-    continuation_prefix: str | None = "##",
-    end_of_word_suffix: str | None = None,
-) -> Tensor:
-    """bool ``[B, T]``: the tokens that are, on their own, a whole word from ``words``.
-
-    Tokenizer-agnostic: give the text of each token id either as ``token_strings`` (indexed by
-    id, e.g. ``tokenizer.convert_ids_to_tokens(range(V))``) or as ``decode_token(id) -> str``
-    (called once per distinct id). A token matches when its text, with ``continuation_prefix``
-    / ``end_of_word_suffix`` markers removed, stripped and lower-cased, is in ``words``
-    (compared lower-cased), and it is a whole word:
-
-    - ``continuation_prefix`` (WordPiece: "##"): a token starting with it continues the previous
-      word, so neither it nor a token followed by it is a whole word ("red" "##dish" → no match).
-    - ``end_of_word_suffix`` (CLIP BPE: "</w>"): only a token ending with it ends a word, and a
-      token after one that does not end a word continues it ("bo" "red</w>" → no match). Needs
-      ``special_mask``, so that the word after BOS counts as starting a word.
-
-    Words split into several tokens are never matched (whole-word tokens only).
-
-    Args:
-        token_ids: int64 ``[B, T]``.
-        attention_mask: bool ``[B, T]``, True on real tokens; padding never matches.
-        words: the word set (e.g. ``lgvq.data.shapes.ALL_ATTRIBUTE_WORDS``).
-        token_strings / decode_token: exactly one of them.
-        special_mask: optional bool ``[B, T]``; special tokens (CLS/SEP, BOS/EOS) never match.
-        continuation_prefix, end_of_word_suffix: the tokenizer's word-piece markers (None: none).
-    """
-    _check_tensor("token_ids", token_ids, dims=2)
-    _check_bool_mask("attention_mask", attention_mask, token_ids.shape)
-    if special_mask is not None:
-        _check_bool_mask("special_mask", special_mask, token_ids.shape)
-    if end_of_word_suffix and special_mask is None:
-        raise ValueError("end_of_word_suffix needs special_mask (BOS/EOS mark word boundaries)")
-    if (token_strings is None) == (decode_token is None):
-        raise ValueError("give exactly one of token_strings (text per id) and decode_token")
-    if isinstance(words, str):
-        raise TypeError("words must be a collection of words, not one str")
-    word_set = {word.lower() for word in words}
-    ids_cpu = token_ids.detach().cpu()
-    distinct = torch.unique(ids_cpu).tolist()
-    if token_strings is not None and distinct and (min(distinct) < 0
-                                                   or max(distinct) >= len(token_strings)):
-        raise ValueError(f"token_ids must lie in [0, {len(token_strings)}) to index "
-                         f"token_strings, got [{min(distinct)}, {max(distinct)}]")
-    text_of = token_strings.__getitem__ if token_strings is not None else decode_token
-
-    matches, continues, ends = set(), set(), set()
-    for token in distinct:
-        text = text_of(int(token))
-        if not isinstance(text, str):
-            raise TypeError(f"the text of token {token} must be a str, got {type(text).__name__}")
-        core = text
-        if continuation_prefix and core.startswith(continuation_prefix):
-            continues.add(token)
-            core = core[len(continuation_prefix):]
-        if end_of_word_suffix and core.endswith(end_of_word_suffix):
-            ends.add(token)
-            core = core[: -len(end_of_word_suffix)]
-        if core.strip().lower() in word_set:
-            matches.add(token)
-
-    def lookup(members: set) -> Tensor:
-        return torch.tensor([token in members for token in distinct], dtype=torch.bool)
-
-    position = torch.searchsorted(torch.tensor(distinct, dtype=ids_cpu.dtype), ids_cpu)
-    real = attention_mask.detach().cpu()
-    if special_mask is not None:
-        real = real & ~special_mask.detach().cpu()
-    result = lookup(matches)[position] & real
-    if continuation_prefix:
-        continuation = lookup(continues)[position] & real
-        followed = torch.zeros_like(continuation)
-        followed[:, :-1] = continuation[:, 1:]
-        result &= ~continuation & ~followed
-    if end_of_word_suffix:
-        ends_word = lookup(ends)[position]
-        # A word starts after a token that ends one, after a special token (BOS) or at row start.
-        previous_ends = torch.ones_like(ends_word)
-        previous_ends[:, 1:] = ends_word[:, :-1] | ~real[:, :-1]
-        result &= ends_word & previous_ends
-    return result.to(token_ids.device)
-
-
 # --------------------------------------------------------------------------------------------
 # Word-to-code relation MSE
 
@@ -414,14 +307,12 @@ def relation_mse(word_features: Tensor, word_mask: Tensor, visual_tokens: Tensor
         word_features: float ``[B, L, C]`` text-token features T.
         word_mask: bool ``[B, L]``, real tokens.
         visual_tokens: float ``[B, M, C]`` Zvt without the CLS token.
-        codes_projected: float ``[B, M, C]`` g(zq) (RelationAlignment.project of the codes).
+        codes_projected: float ``[B, M, C]`` g(zq) (RelationAlignmentHead.project of the codes).
         backend: the op's backend ("reference" is deterministic and runs anywhere).
 
     Returns:
         The loss as a Python float (paper, CUB: VQ-GAN 0.6374, VQ-GAN+LG 0.0351).
     """
-    import lgvq_kernels  # the op library; imported here so the other measures stay light
-
     with torch.no_grad():
         result = lgvq_kernels.relation_alignment_loss(
             word_features, visual_tokens, codes_projected, word_mask, backend=backend)
@@ -482,8 +373,8 @@ def retrieval_accuracy(image_embeddings: Tensor, text_embeddings: Tensor,
     Returns:
         ``{"top1": acc, "top5": acc, ...}``: fractions in [0, 1].
     """
-    _check_tensor("image_embeddings", image_embeddings, dims=2)
-    _check_tensor("text_embeddings", text_embeddings, dims=2)
+    check_tensor("image_embeddings", image_embeddings, dims=2)
+    check_tensor("text_embeddings", text_embeddings, dims=2)
     if image_embeddings.shape != text_embeddings.shape:
         raise ValueError(f"image_embeddings {tuple(image_embeddings.shape)} and text_embeddings "
                          f"{tuple(text_embeddings.shape)} must both be [N, G]")

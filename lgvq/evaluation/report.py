@@ -1,6 +1,6 @@
 """Evaluation reports: mean ± std over seeds, a markdown table (e.g. baseline vs LG-VQ side by
-side) and PNG image grids. Every file is written atomically: to a temporary file in the same
-folder, then ``os.replace``, so no partial file is ever left where a good one stood.
+side) and PNG image grids. Every file is written atomically (lgvq.files), so no partial file is
+ever left where a good one stood.
 """
 
 from __future__ import annotations
@@ -8,44 +8,22 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch import Tensor
+
+from lgvq.files import atomic_write
 
 __all__ = [
     "MeanStd",
-    "atomic_write_bytes",
     "format_cell",
     "mean_and_std",
     "save_image_grid",
     "write_markdown_report",
 ]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync,
-    ``os.replace``); parent folders are created. Returns the path as a str."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 class MeanStd(NamedTuple):
@@ -154,7 +132,7 @@ def write_markdown_report(
         relative = os.path.relpath(os.path.abspath(image), folder).replace(os.sep, "/")
         name = os.path.splitext(os.path.basename(image))[0]
         lines.extend(["", f"![{name}]({relative})"])
-    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return str(atomic_write(path, "\n".join(lines) + "\n"))
 
 
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
@@ -171,8 +149,6 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
     The grid is ``rows * (H + padding) + padding`` pixels high and
     ``min(N, nrow) * (W + padding) + padding`` wide. Returns the path as a str.
     """
-    from PIL import Image
-
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a tensor [N, 3 or 1, H, W], got {shape}")
@@ -199,4 +175,4 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return str(atomic_write(path, buffer.getvalue()))

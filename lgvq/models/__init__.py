@@ -1,4 +1,5 @@
-"""Image-tokenizer models LG-VQ wraps: VQGAN encoder/decoder, VQ model, PatchGAN, LPIPS."""
+"""Image-tokenizer models LG-VQ wraps (VQGAN encoder/decoder, VQ model, PatchGAN, LPIPS) and
+``LGVQ``, the language-guidance heads around one."""
 
 from lgvq.models.backbones import BackboneConfig, Decoder, Encoder
 from lgvq.models.discriminator import (
@@ -9,14 +10,13 @@ from lgvq.models.discriminator import (
     hinge_discriminator_loss,
     hinge_generator_loss,
 )
+from lgvq.models.language_guided import LGVQ, LanguageLosses, LanguageLossWeights
 from lgvq.models.lpips import LPIPS
 from lgvq.models.vqmodel import (
-    TAMING_QUANTIZER_KWARGS,
     BuiltVQModel,
     VQEncoding,
     VQModel,
     VQModelConfig,
-    build_default_quantizer,
     build_vqgan,
     build_vqvae,
 )
@@ -31,13 +31,14 @@ __all__ = [
     "discriminator_factor",
     "hinge_discriminator_loss",
     "hinge_generator_loss",
+    "LGVQ",
+    "LanguageLosses",
+    "LanguageLossWeights",
     "LPIPS",
-    "TAMING_QUANTIZER_KWARGS",
     "BuiltVQModel",
     "VQEncoding",
     "VQModel",
     "VQModelConfig",
-    "build_default_quantizer",
     "build_vqgan",
     "build_vqvae",
 ]

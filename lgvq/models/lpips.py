@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 __all__ = ["LPIPS", "VGG16_FEATURE_LAYERS", "LPIPS_TAP_INDICES", "LPIPS_CHANNELS",
@@ -79,8 +80,6 @@ _OWN_LINEAR_KEY = re.compile(r"(?:^|\.)channel_weights\.(\d)\.weight$")
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path), device="cpu")
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)

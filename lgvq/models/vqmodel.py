@@ -3,7 +3,8 @@
 Shapes: B = batch, H x W = image size, f = downsampling factor, h x w = H/f x W/f token grid,
 Z = encoder ``z_channels``, D = ``embed_dim`` (code width), K = codebook size.
 
-The quantizer is any module with the lucidrains / ``lgvq.VectorQuantizer`` interface:
+The quantizer is any module with the lucidrains / ``lgvq.VectorQuantizer`` interface (by
+default the one ``lgvq.quantizers.build_quantizer`` makes from ``VQModelConfig.quantizer_kwargs``):
 
     quantized, indices, loss = quantizer(x)          # x: [B, h*w, D] channel-last
     # quantized [B, h*w, D] straight-through (x + sg(e - x)), indices int [B, h*w], loss scalar
@@ -28,9 +29,10 @@ from torch import nn
 from lgvq.models.backbones import BackboneConfig, Decoder, Encoder
 from lgvq.models.discriminator import PatchDiscriminator, VQGANLoss
 from lgvq.models.lpips import LPIPS
+from lgvq.quantizers.build import TAMING_QUANTIZER_KWARGS, build_quantizer
 
 __all__ = ["VQEncoding", "VQModel", "VQModelConfig", "BuiltVQModel", "build_vqvae",
-           "build_vqgan", "build_default_quantizer", "TAMING_QUANTIZER_KWARGS"]
+           "build_vqgan"]
 
 
 class VQEncoding(NamedTuple):
@@ -166,7 +168,10 @@ class VQModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig.tiny)  # encoder/decoder
     embed_dim: int = 64  # D, code width
     codebook_size: int = 1024  # K, number of codes
-    quantizer_kwargs: dict[str, Any] = field(default_factory=dict)  # VectorQuantizer kwargs
+    # build_quantizer's keyword arguments (kind and loss weights); default: LG-VQ's VQGAN
+    # quantizer, taming's learnable codebook with commitment 1.0 and codebook 0.25
+    quantizer_kwargs: dict[str, Any] = field(
+        default_factory=lambda: dict(TAMING_QUANTIZER_KWARGS))
     pixel_loss: str = "l1"  # "l1" (VQGAN) or "mse" (classic VQ-VAE)
     codebook_weight: float = 1.0  # weight of the quantizer's loss in the total
     perceptual_weight: float = 1.0  # LPIPS weight (VQGAN only; 0 when weights are missing)
@@ -208,46 +213,19 @@ class VQModelConfig:
         would cover the whole image.
         """
         return cls(**{"backbone": BackboneConfig.tiny(), "embed_dim": 64, "disc_layers": 2,
-                      "disc_channels": 32, "quantizer_kwargs": dict(TAMING_QUANTIZER_KWARGS),
-                      **overrides})
+                      "disc_channels": 32, **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> VQModelConfig:
         """LG-VQ's VQGAN: 256x256 -> 16x16 tokens, K=1024, D=256, taming's learnable codebook
         (commitment 1.0, codebook 0.25), PatchGAN 3 x 64 from step 10,000 with weight 0.8."""
         return cls(**{"backbone": BackboneConfig.paper(), "embed_dim": 256,
-                      "codebook_size": 1024, "quantizer_kwargs": dict(TAMING_QUANTIZER_KWARGS),
-                      **overrides})
-
-
-# LG-VQ's VQGAN quantizer (taming VectorQuantizer2, legacy=True): a learnable codebook and
-# loss = |x - sg(e)|^2 + 0.25 |sg(x) - e|^2 (commitment 1.0, codebook 0.25), no EMA
-TAMING_QUANTIZER_KWARGS: dict[str, Any] = {
-    "learnable_codebook": True, "ema_update": False, "commitment_weight": 1.0,
-    "codebook_weight": 0.25,
-}
+                      "codebook_size": 1024, **overrides})
 
 
 class BuiltVQModel(NamedTuple):
     model: VQModel  # the tokenizer (what the generator optimiser trains)
     loss: VQGANLoss  # the criterion; holds the discriminator (its own optimiser) and LPIPS
-
-
-def build_default_quantizer(config: VQModelConfig) -> nn.Module:
-    """``lgvq.VectorQuantizer(dim=embed_dim, codebook_size=K, **quantizer_kwargs)``.
-
-    The quantizer sees ``[B, h*w, D]`` channel-last rows (its default layout)."""
-    try:
-        from lgvq import VectorQuantizer  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from lgvq.quantizers import VectorQuantizer  # type: ignore[import-not-found]
-        except ImportError as error:
-            raise ImportError(
-                "lgvq.VectorQuantizer is not available; pass quantizer=... to the builder"
-            ) from error
-    return VectorQuantizer(dim=config.embed_dim, codebook_size=config.codebook_size,
-                           **config.quantizer_kwargs)
 
 
 def _as_config(config: VQModelConfig | Mapping[str, Any] | None) -> VQModelConfig:
@@ -262,11 +240,13 @@ def _as_config(config: VQModelConfig | Mapping[str, Any] | None) -> VQModelConfi
 
 def _build_model(config: VQModelConfig,
                  quantizer: nn.Module | Callable[[], nn.Module] | None) -> VQModel:
-    """A factory (zero-argument callable) is called after the encoder and decoder are built,
-    so the random initialisations come in that order."""
-    quantizer = build_default_quantizer(config) if quantizer is None else quantizer
+    """The quantizer (unless a module is given) is built after the encoder and decoder, so the
+    random initialisations always come in that order: encoder, decoder, quantizer."""
     encoder, decoder = Encoder(config.backbone), Decoder(config.backbone)
-    if not isinstance(quantizer, nn.Module):
+    if quantizer is None:
+        quantizer = build_quantizer(dim=config.embed_dim, codebook_size=config.codebook_size,
+                                    **config.quantizer_kwargs)
+    elif not isinstance(quantizer, nn.Module):
         quantizer = quantizer()
     return VQModel(encoder, decoder, quantizer, config.embed_dim)
 
@@ -278,7 +258,7 @@ def build_vqvae(config: VQModelConfig | Mapping[str, Any] | None = None, *,
     Args:
         config: a :class:`VQModelConfig`, a mapping of its fields, or ``None`` (tiny).
         quantizer: the quantizer module, or a factory of it (called after the encoder and
-            decoder are built); default :func:`build_default_quantizer`.
+            decoder are built); default ``build_quantizer(**config.quantizer_kwargs)``.
     """
     config = _as_config(config)
     loss = VQGANLoss(None, None, pixel_loss=config.pixel_loss, perceptual_weight=0.0,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
-from lgvq.quantizers.types import LossBreakdown, code_counts, codebook_usage
+from lgvq.quantizers.types import LossBreakdown, code_counts, codebook_usage_from_counts
 from lgvq.quantizers.vector_quantizer import check_backend
 from lgvq_kernels.functional import check_all_finite, nearest_code, quantize_straight_through
 
@@ -136,7 +136,8 @@ class ClusteredVectorQuantizer(nn.Module):
         if return_loss_breakdown:
             outputs += (LossBreakdown(commitment, codebook_loss, contrastive),)
         if return_usage:
-            outputs += (codebook_usage(code_counts(indices[None], self.codebook_size)),)
+            counts = code_counts(indices[None], self.codebook_size)
+            outputs += (codebook_usage_from_counts(counts),)
         return outputs
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
-from lgvq.quantizers.types import code_counts, codebook_usage
+from lgvq.quantizers.types import code_counts, codebook_usage_from_counts
 from lgvq.quantizers.vector_quantizer import check_backend
 from lgvq_kernels.functional import check_all_finite, nearest_code, quantize_straight_through
 
@@ -92,7 +92,7 @@ class TamingVectorQuantizer(nn.Module):
             loss = self.beta * commitment + codebook_loss
         z_q = self.layout.from_rows(quantized.to(z.dtype), lead_shape).contiguous()
 
-        perplexity = codebook_usage(code_counts(indices[None], self.n_e)).perplexity
+        perplexity = codebook_usage_from_counts(code_counts(indices[None], self.n_e)).perplexity
         min_encodings = (F.one_hot(indices, self.n_e).to(z.dtype)
                          if self.return_min_encodings else None)
         if self.sane_index_shape:

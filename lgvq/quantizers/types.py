@@ -45,7 +45,7 @@ def code_counts(indices: Tensor, num_codes: int) -> Tensor:
     return counts.scatter_add_(1, indices.clamp_min(0), valid)
 
 
-def codebook_usage(counts: Tensor) -> CodebookUsage:
+def codebook_usage_from_counts(counts: Tensor) -> CodebookUsage:
     """counts float32 ``[G, K]`` (rows per code for each of G codebooks) -> CodebookUsage."""
     totals = counts.sum(-1, keepdim=True)
     probabilities = counts / totals.clamp_min(1.0)

@@ -19,7 +19,12 @@ from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import kmeans, sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.rotation import rotate_onto_codes
-from lgvq.quantizers.types import CodebookUsage, LossBreakdown, code_counts, codebook_usage
+from lgvq.quantizers.types import (
+    CodebookUsage,
+    LossBreakdown,
+    code_counts,
+    codebook_usage_from_counts,
+)
 from lgvq_kernels.functional import (
     check_all_finite,
     codebook_ema_update_,
@@ -267,7 +272,7 @@ class VectorQuantizer(nn.Module):
     def usage_from_indices(self, indices: Tensor) -> CodebookUsage:
         """indices int64 ``[M, heads]`` (-1 ignored) -> usage of each codebook, averaged."""
         per_codebook = indices.t() if self.separate_codebook_per_head else indices.reshape(1, -1)
-        return codebook_usage(code_counts(per_codebook, self.codebook_size))
+        return codebook_usage_from_counts(code_counts(per_codebook, self.codebook_size))
 
     # ----------------------------------------------------------------------------------------
     # rows in, rows out (also the building block of ResidualVQ)

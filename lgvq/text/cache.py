@@ -7,17 +7,18 @@ set once and assemble training batches from stored rows. Memory per caption is
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from lgvq.files import atomic_path
 from lgvq.text.encoder import DEFAULT_BATCH_SIZE, TextEncoder, _check_captions
 from lgvq.text.features import TextFeatures
 
@@ -61,8 +62,8 @@ class TextFeatureCache:
     File persistence (safetensors): ``save(path)`` writes all rows with a fingerprint of the
     encoder (model, weights, tokenizer, max_length) and of the caption list; ``load(path)``
     ignores, with a ``TextFeatureCacheWarning``, a file made by another encoder or for other
-    captions, and an unreadable one. Writes are atomic (temporary file in the same folder, then
-    ``os.replace``), so a good file is never replaced by a partial one.
+    captions, and an unreadable one. Writes are atomic (lgvq.files), so a good file is never
+    replaced by a partial one.
 
     Typical use for a fixed caption set::
 
@@ -158,10 +159,6 @@ class TextFeatureCache:
     # -------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Write every cached row to ``path`` (safetensors), atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         view = self._view()
         tensors = {name: getattr(view, name).contiguous() for name in _FIELDS}
         captions_json = json.dumps(self._captions, ensure_ascii=False).encode("utf-8")
@@ -174,19 +171,8 @@ class TextFeatureCache:
             "max_length": str(self.encoder.max_length),
             "num_captions": str(len(self._captions)),
         }
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-        os.close(descriptor)
-        try:
+        with atomic_path(path) as temporary:
             save_file(tensors, temporary, metadata=metadata)
-            with open(temporary, "rb") as file:
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
 
     def load(self, path: str | os.PathLike, captions: Sequence[str] | None = None) -> bool:
         """Add the rows stored in ``path``; returns whether the file was used.
@@ -249,8 +235,6 @@ class TextFeatureCache:
 
     @staticmethod
     def _read_metadata(path: Path) -> dict[str, str]:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as file:
             metadata = dict(file.metadata() or {})
         if metadata.get("format") != _FORMAT:
@@ -259,8 +243,6 @@ class TextFeatureCache:
 
     def _read_rows(self, path: Path, metadata: dict[str, str]) -> tuple[list[str], TextFeatures]:
         """The stored captions and rows, checked against this encoder and the fingerprint."""
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as file:
             tensors = {name: file.get_tensor(name) for name in (*_FIELDS, "captions_utf8")}
         captions = json.loads(bytes(tensors.pop("captions_utf8").numpy()).decode("utf-8"))

