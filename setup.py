@@ -5,7 +5,13 @@ and nvcc is found. A failed or skipped build only warns: the package then runs o
   LGVQ_BUILD_EXT=0     skip the native extension entirely
   LGVQ_BUILD_CUDA=0    build the CPU kernels only, even with a CUDA torch
   LGVQ_CUDA_ARCHS      e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0)
+  LGVQ_NO_AVX2=1       compile the CPU kernels without their AVX2 versions, as on non-x86 hosts
+                       (at run time the same variable only stops the AVX2 kernels being picked;
+                       csrc/cpu/simd.h)
   MAX_JOBS             parallel compile jobs (ninja)
+
+The AVX2 kernels are compiled only for x86-64 with GCC; elsewhere (aarch64 such as GH200, clang)
+the portable kernels build alone, and the CUDA kernels still build beside them.
 
 Install with ``pip install --no-build-isolation -e .`` so that the build uses the torch that is
 already installed (an isolated build would fetch another one).
@@ -51,6 +57,8 @@ def _extensions():
     sources = _sources("csrc/registration.cpp") + _sources("csrc/module.cpp") \
         + _sources("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"]  # the C++ standard is torch's own (C++20 for 2.13)
+    if os.environ.get("LGVQ_NO_AVX2", "0") not in ("", "0"):
+        cxx.append("-DLGVQ_NO_AVX2")
     ldflags = ["-fopenmp"]
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("LGVQ_BUILD_CUDA", "1") != "0")

@@ -12,10 +12,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "segments.h"
 #include "simd.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,13 +25,9 @@
 namespace lgvq {
 namespace {
 
-using namespace cpu_common;  // the shared counting sort, checks and task split
+using namespace checks;      // input checks (csrc/checks.h)
+using namespace cpu_common;  // the shared counting sort and task split
 using namespace cpu_simd;    // AVX2 checks, 8-lane loads
-
-constexpr int64_t kPrefetchRows = 2;           // statistics: rows prefetched ahead (code order)
-
-template <typename T>
-using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T, typename C>
 using AccumulateRowFn = void (*)(const T*, C*, int64_t);
@@ -44,6 +39,7 @@ void accumulate_row(const T* x, C* acc, int64_t dim) {
 }
 }  // namespace baseline
 
+#if LGVQ_HAVE_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
@@ -58,43 +54,29 @@ void accumulate_row(const T* x, float* acc, int64_t dim) {
 }
 }  // namespace avx2
 #pragma GCC pop_options
-
-
-template <typename T, typename C>
-AccumulateRowFn<T, C> pick_accumulate_row() {
-  if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2_fma_f16c()) return &avx2::accumulate_row<T>;
-  }
-  return &baseline::accumulate_row<T, C>;
-}
-
-#define CHECK_INPUT(op, cond, ...) TORCH_CHECK_VALUE(cond, "lgvq_C::", op, ": ", __VA_ARGS__)
+#endif  // LGVQ_HAVE_AVX2
 
 // ---------------------------------------------------------------------------------------------
 // codebook_statistics
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename C>
 void statistics_rows(const T* x, const CodeSegments& segments, int64_t k, int64_t dim, C* stats) {
-  const AccumulateRowFn<T, C> accumulate_row = pick_accumulate_row<T, C>();
-  const std::vector<int64_t> bounds = balanced_code_ranges(segments.offsets, k, dim);
+  const AccumulateRowFn<T, C> accumulate_row =
+      LGVQ_PICK_ISA((std::is_same_v<C, float>), cpu_has_avx2_fma_f16c, &avx2::accumulate_row<T>,
+                    (&baseline::accumulate_row<T, C>));
   const int64_t* offsets = segments.offsets.data();
   const int64_t* rows = segments.rows.data();
   const int64_t valid = segments.offsets[k];
   const size_t row_bytes = sizeof(T) * static_cast<size_t>(dim);
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t range = begin; range < end; ++range) {
-      for (int64_t c = bounds[range]; c < bounds[range + 1]; ++c) {
-        C* out = stats + c * (dim + 1);
-        std::fill(out, out + dim, C(0));
-        for (int64_t r = offsets[c]; r < offsets[c + 1]; ++r) {
-          if (r + kPrefetchRows < valid) {  // the hardware prefetcher cannot follow rows[]
-            const char* ahead = reinterpret_cast<const char*>(x + rows[r + kPrefetchRows] * dim);
-            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
-          }
-          accumulate_row(x + rows[r] * dim, out, dim);
-        }
-        out[dim] = static_cast<C>(offsets[c + 1] - offsets[c]);
+  parallel_over_codes(segments, k, dim, [&](int64_t first_code, int64_t end_code) {
+    for (int64_t c = first_code; c < end_code; ++c) {
+      C* out = stats + c * (dim + 1);
+      std::fill(out, out + dim, C(0));
+      for (int64_t r = offsets[c]; r < offsets[c + 1]; ++r) {
+        if (r + kPrefetchRows < valid) prefetch_row(x + rows[r + kPrefetchRows] * dim, row_bytes);
+        accumulate_row(x + rows[r] * dim, out, dim);
       }
+      out[dim] = static_cast<C>(offsets[c + 1] - offsets[c]);
     }
   });
 }
@@ -102,34 +84,14 @@ void statistics_rows(const T* x, const CodeSegments& segments, int64_t k, int64_
 at::Tensor codebook_statistics_cpu(const at::Tensor& x_in, const at::Tensor& indices_in,
                                    int64_t num_codes, const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "codebook_statistics";
-  CHECK_INPUT(op, x_in.device().is_cpu(), "x must be a CPU tensor, got ", x_in.device());
-  CHECK_INPUT(op, indices_in.device().is_cpu(), "indices must be a CPU tensor, got ",
-              indices_in.device());
-  CHECK_INPUT(op, x_in.dim() == 2, "x must be [N, D], got shape ", x_in.sizes());
-  CHECK_INPUT(op, is_float_dtype(x_in.scalar_type()),
-              "x must be float32, float64, float16 or bfloat16, got ", x_in.scalar_type());
-  CHECK_INPUT(op, num_codes >= 0, "num_codes must be >= 0, got ", num_codes);
-  CHECK_INPUT(op, indices_in.dim() == 1 && indices_in.size(0) == x_in.size(0),
-              "indices must be [N] = [", x_in.size(0), "] (one per row of x), got shape ",
-              indices_in.sizes());
-  CHECK_INPUT(op, indices_in.scalar_type() == at::kLong, "indices must be int64, got ",
-              indices_in.scalar_type());
-  at::Tensor mask_c;
-  if (mask.has_value() && mask->defined()) {
-    CHECK_INPUT(op, mask->device().is_cpu(), "mask must be a CPU tensor, got ", mask->device());
-    CHECK_INPUT(op, mask->dim() == 1 && mask->size(0) == x_in.size(0), "mask must be [N] = [",
-                x_in.size(0), "], got shape ", mask->sizes());
-    CHECK_INPUT(op, mask->scalar_type() == at::kBool, "mask must be bool, got ",
-                mask->scalar_type());
-    mask_c = mask->contiguous();
-  }
+  check_statistics_inputs(op, x_in, indices_in, num_codes, mask);
   const at::Tensor x = x_in.contiguous(), indices = indices_in.contiguous();
   const int64_t n = x.size(0), dim = x.size(1);
   const int64_t* index_ptr = indices.data_ptr<int64_t>();
   check_indices_in_range(op, index_ptr, n, num_codes);
+  at::Tensor mask_holder;
   const CodeSegments segments =
-      segments_by_code(index_ptr, mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr, n,
-                       num_codes);
+      segments_by_code(index_ptr, mask_data(mask, mask_holder), n, num_codes);
 
   const at::ScalarType compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor stats = at::empty({num_codes, dim + 1}, x.options().dtype(compute));
@@ -200,41 +162,12 @@ at::Tensor codebook_ema_update_cpu(const at::Tensor& stats_in, const at::Tensor&
                                    double decay, double eps, double dead_threshold,
                                    const std::optional<at::Tensor>& replacement_in) {
   constexpr const char* op = "codebook_ema_update_";
-  const auto check_cpu = [&](const char* name, const at::Tensor& t) {
-    CHECK_INPUT(op, t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  };
-  check_cpu("stats", stats_in);
-  check_cpu("cluster_size", cluster_size);
-  check_cpu("embed_sum", embed_sum);
-  check_cpu("codebook", codebook);
-  CHECK_INPUT(op, codebook.dim() == 2, "codebook must be [K, D], got shape ", codebook.sizes());
+  check_ema_inputs(op, stats_in, cluster_size, embed_sum, codebook, replacement_in);
   const int64_t k = codebook.size(0), dim = codebook.size(1);
-  CHECK_INPUT(op, is_float_dtype(codebook.scalar_type()),
-              "codebook must be float32, float64, float16 or bfloat16, got ",
-              codebook.scalar_type());
   const at::ScalarType state = cluster_size.scalar_type();
-  CHECK_INPUT(op, state == at::kFloat || state == at::kDouble,
-              "cluster_size must be float32 or float64, got ", state);
-  CHECK_INPUT(op, cluster_size.dim() == 1 && cluster_size.size(0) == k,
-              "cluster_size must be [K] = [", k, "] (codebook is ", codebook.sizes(),
-              "), got shape ", cluster_size.sizes());
-  CHECK_INPUT(op, embed_sum.sizes() == codebook.sizes(), "embed_sum must be [K, D] = ",
-              codebook.sizes(), ", got shape ", embed_sum.sizes());
-  CHECK_INPUT(op, embed_sum.scalar_type() == state, "embed_sum (", embed_sum.scalar_type(),
-              ") must have cluster_size's dtype (", state, ")");
-  CHECK_INPUT(op, stats_in.dim() == 2 && stats_in.size(0) == k && stats_in.size(1) == dim + 1,
-              "stats must be [K, D + 1] = [", k, ", ", dim + 1, "], got shape ", stats_in.sizes());
-  CHECK_INPUT(op, stats_in.scalar_type() == at::kFloat || stats_in.scalar_type() == at::kDouble,
-              "stats must be float32 or float64, got ", stats_in.scalar_type());
   at::Tensor replacement;
-  if (replacement_in.has_value() && replacement_in->defined()) {
-    const at::Tensor& r = *replacement_in;
-    CHECK_INPUT(op, r.device().is_cpu(), "replacement must be a CPU tensor, got ", r.device());
-    CHECK_INPUT(op, r.sizes() == codebook.sizes(), "replacement must be [K, D] = ",
-                codebook.sizes(), ", got shape ", r.sizes());
-    CHECK_INPUT(op, is_float_dtype(r.scalar_type()),
-                "replacement must be float32, float64, float16 or bfloat16, got ", r.scalar_type());
-    if (dead_threshold > 0) replacement = r.to(state).contiguous();
+  if (has_value(replacement_in) && dead_threshold > 0) {
+    replacement = replacement_in->to(state).contiguous();
   }
   const at::Tensor stats = stats_in.to(state).contiguous();
   at::Tensor dead = at::empty({k}, cluster_size.options().dtype(at::kBool));
@@ -257,8 +190,6 @@ at::Tensor codebook_ema_update_cpu(const at::Tensor& stats_in, const at::Tensor&
   codes.finish();
   return dead;
 }
-
-#undef CHECK_INPUT
 
 }  // namespace
 

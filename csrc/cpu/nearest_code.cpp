@@ -20,9 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "simd.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +34,7 @@
 namespace lgvq {
 namespace {
 
+using namespace checks;    // input checks (csrc/checks.h)
 using namespace cpu_simd;  // AVX2 feature checks and helpers
 
 constexpr int64_t kLanes = 8;            // one AVX2 register of float32
@@ -44,8 +44,7 @@ constexpr int64_t kBlockRows = 256;      // rows per GEMM-path task
 constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 B = 1 MiB scratch)
 constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
 
-#define CHECK_INPUT(cond, ...) TORCH_CHECK_VALUE(cond, "lgvq_C::nearest_code: ", __VA_ARGS__)
-
+#if LGVQ_HAVE_AVX2
 #define LGVQ_ISA avx2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -102,6 +101,7 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
 
 #pragma GCC pop_options
 #undef LGVQ_ISA
+#endif  // LGVQ_HAVE_AVX2
 
 #define LGVQ_ISA baseline
 #include "nearest_code_kernels.h"
@@ -133,20 +133,8 @@ std::vector<int64_t> lowest_duplicate(const T* codes, int64_t k, int64_t dim) {
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
                                                     const std::optional<at::Tensor>& codebook_sqnorm,
                                                     bool cosine) {
-  CHECK_INPUT(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
-  CHECK_INPUT(codebook.device().is_cpu(), "codebook must be a CPU tensor, got ", codebook.device());
-  CHECK_INPUT(x.dim() == 2, "x must be [N, D], got shape ", x.sizes());
-  CHECK_INPUT(codebook.dim() == 2, "codebook must be [K, D], got shape ", codebook.sizes());
-  CHECK_INPUT(codebook.size(0) >= 1, "codebook must hold at least one code, got shape ",
-              codebook.sizes());
-  CHECK_INPUT(codebook.size(1) >= 1 && x.size(1) == codebook.size(1),
-              "x is [N, ", x.size(1), "] but codebook is [K, ", codebook.size(1), "]");
-  CHECK_INPUT(x.scalar_type() == codebook.scalar_type(), "x (", x.scalar_type(),
-              ") and codebook (", codebook.scalar_type(), ") must have the same dtype");
+  check_nearest_code_inputs("nearest_code", x, codebook, codebook_sqnorm, cosine);
   const auto dtype = x.scalar_type();
-  CHECK_INPUT(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "x must be float32, float64, float16 or bfloat16, got ", dtype);
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = x.size(0), k = codebook.size(0), dim = x.size(1);
 
@@ -156,12 +144,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   at::Tensor a;
   if (cosine) {
     a = at::zeros({k}, cc.options());
-  } else if (codebook_sqnorm.has_value() && codebook_sqnorm->defined()) {
-    const at::Tensor& s = *codebook_sqnorm;
-    CHECK_INPUT(s.device().is_cpu(), "codebook_sqnorm must be a CPU tensor, got ", s.device());
-    CHECK_INPUT(s.dim() == 1 && s.size(0) == k, "codebook_sqnorm must be [", k, "], got shape ",
-                s.sizes());
-    a = s.to(compute).contiguous();
+  } else if (has_value(codebook_sqnorm)) {
+    a = codebook_sqnorm->to(compute).contiguous();
   } else {
     a = (cc * cc).sum(1);
   }
@@ -174,14 +158,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
     const scalar_t* a_ptr = a.data_ptr<scalar_t>();
     int64_t* index_ptr = indices.data_ptr<int64_t>();
     scalar_t* distance_ptr = distances.data_ptr<scalar_t>();
-    const bool avx2 = cpu_has_avx2_fma();
-    if (dim <= kDirectMaxDim) {
-      (avx2 ? avx2::nearest_code_direct<scalar_t> : baseline::nearest_code_direct<scalar_t>)(
-          xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
-    } else {
-      (avx2 ? avx2::nearest_code_gemm<scalar_t> : baseline::nearest_code_gemm<scalar_t>)(
-          xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
-    }
+    // The AVX2 build of the kernel bodies serves float64 too (the compiler vectorises it).
+    const auto search =
+        dim <= kDirectMaxDim
+            ? LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_direct<scalar_t>,
+                            &baseline::nearest_code_direct<scalar_t>)
+            : LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_gemm<scalar_t>,
+                            &baseline::nearest_code_gemm<scalar_t>);
+    search(xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
     const std::vector<int64_t> canonical = lowest_duplicate(cc.data_ptr<scalar_t>(), k, dim);
     if (!canonical.empty()) {
       for (int64_t i = 0; i < n; ++i) index_ptr[i] = canonical[index_ptr[i]];

@@ -1,6 +1,6 @@
 // Kernel bodies of csrc/cpu/nearest_code.cpp. Included twice there: once compiled for AVX2+FMA
-// and once for the baseline ISA, inside namespaces named by LGVQ_ISA; the entry point picks one
-// at run time. No include guard on purpose.
+// (only where LGVQ_HAVE_AVX2, csrc/cpu/simd.h) and once for the baseline ISA, inside namespaces
+// named by LGVQ_ISA; the entry point picks one at run time. No include guard on purpose.
 
 namespace LGVQ_ISA {
 

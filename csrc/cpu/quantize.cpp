@@ -17,10 +17,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "segments.h"
 #include "simd.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -31,30 +30,11 @@
 namespace lgvq {
 namespace {
 
-using namespace cpu_common;  // the shared counting sort, checks and task split
+using namespace checks;      // input checks (csrc/checks.h)
+using namespace cpu_common;  // the shared counting sort, task split and prefetch
 using namespace cpu_simd;    // AVX2 checks, 8-lane loads and stores
 
 constexpr int64_t kBlockRows = 64;             // rows per forward partial sum (fixed on purpose)
-
-// Rows visited out of memory order (the backward's code order, the forward's code rows) are
-// prefetched this many rows ahead: the hardware prefetcher does not follow a row index. On the
-// loaded 2-core test machine (1 thread, N=16384, D=256 float32) it was within noise at K=1024
-// and gave forward 6.6 -> 5.0 ms at K=16384 (a 16 MiB codebook); distances 1-8 were tried.
-constexpr int64_t kPrefetchRows = 2;
-
-// Prefetches the `bytes` bytes at p, one cache line at a time.
-inline void prefetch_row(const void* p, size_t bytes, bool for_write = false) {
-  const char* c = static_cast<const char*>(p);
-  if (for_write) {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 3);
-  } else {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-  }
-}
-
-// float64 computes in float64; float32, float16 and bfloat16 compute in float32.
-template <typename T>
-using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels: a baseline version for any type and an AVX2 version for 32-bit-accumulated types
@@ -107,10 +87,10 @@ void backward_row(const T* x, const C* e, const T* gq, C commit, C codebook, T* 
 
 }  // namespace baseline
 
+#if LGVQ_HAVE_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-
 
 template <typename T>
 float squared_distance(const T* x, const T* e, int64_t dim) {
@@ -171,58 +151,23 @@ void backward_row(const T* x, const float* e, const T* gq, float commit, float c
 
 }  // namespace avx2
 #pragma GCC pop_options
+#endif  // LGVQ_HAVE_AVX2
 
+// The checked inputs as the row kernels read them: contiguous, indices in [0, K).
+struct Inputs {
+  at::Tensor x, codebook, indices, mask_holder;
+  int64_t n, k, dim;
+  const int64_t* index;
+  const bool* mask;
 
-template <typename T, typename C>
-SquaredDistanceFn<T, C> pick_squared_distance() {
-  if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2_fma_f16c()) return &avx2::squared_distance<T>;
+  Inputs(const char* op, const at::Tensor& x_in, const at::Tensor& codebook_in,
+         const at::Tensor& indices_in, const std::optional<at::Tensor>& mask_in)
+      : x(x_in.contiguous()), codebook(codebook_in.contiguous()),
+        indices(indices_in.contiguous()), n(x.size(0)), k(codebook.size(0)), dim(x.size(1)),
+        index(indices.data_ptr<int64_t>()), mask(mask_data(mask_in, mask_holder)) {
+    check_indices_in_range(op, index, n, k);
   }
-  return &baseline::squared_distance<T, C>;
-}
-
-template <typename T, typename C>
-BackwardRowFn<T, C> pick_backward_row() {
-  if constexpr (!std::is_same_v<T, double>) {
-    if (cpu_has_avx2_fma_f16c()) return &avx2::backward_row<T>;
-  }
-  return &baseline::backward_row<T, C>;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Input checks and the code-sorted row order
-// ---------------------------------------------------------------------------------------------
-#define CHECK_INPUT(op, cond, ...) TORCH_CHECK_VALUE(cond, "lgvq_C::", op, ": ", __VA_ARGS__)
-
-// x [N, D], codebook [K, D] (same float dtype), indices [N] int64, mask [N] bool or None.
-void check_quantize_inputs(const char* op, const at::Tensor& x, const at::Tensor& codebook,
-                           const at::Tensor& indices, const std::optional<at::Tensor>& mask) {
-  CHECK_INPUT(op, x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
-  CHECK_INPUT(op, codebook.device().is_cpu(), "codebook must be a CPU tensor, got ",
-              codebook.device());
-  CHECK_INPUT(op, indices.device().is_cpu(), "indices must be a CPU tensor, got ",
-              indices.device());
-  CHECK_INPUT(op, x.dim() == 2, "x must be [N, D], got shape ", x.sizes());
-  CHECK_INPUT(op, codebook.dim() == 2, "codebook must be [K, D], got shape ", codebook.sizes());
-  CHECK_INPUT(op, x.size(1) == codebook.size(1), "x is [N, ", x.size(1), "] but codebook is [K, ",
-              codebook.size(1), "]: D must match");
-  CHECK_INPUT(op, is_float_dtype(x.scalar_type()),
-              "x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  CHECK_INPUT(op, x.scalar_type() == codebook.scalar_type(), "x (", x.scalar_type(),
-              ") and codebook (", codebook.scalar_type(), ") must have the same dtype");
-  CHECK_INPUT(op, indices.dim() == 1 && indices.size(0) == x.size(0),
-              "indices must be [N] = [", x.size(0), "] (one per row of x), got shape ",
-              indices.sizes());
-  CHECK_INPUT(op, indices.scalar_type() == at::kLong, "indices must be int64, got ",
-              indices.scalar_type());
-  if (mask.has_value() && mask->defined()) {
-    CHECK_INPUT(op, mask->device().is_cpu(), "mask must be a CPU tensor, got ", mask->device());
-    CHECK_INPUT(op, mask->dim() == 1 && mask->size(0) == x.size(0), "mask must be [N] = [",
-                x.size(0), "], got shape ", mask->sizes());
-    CHECK_INPUT(op, mask->scalar_type() == at::kBool, "mask must be bool, got ",
-                mask->scalar_type());
-  }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -230,7 +175,9 @@ void check_quantize_inputs(const char* op, const at::Tensor& x, const at::Tensor
 template <typename T, typename C>
 double forward_rows(const T* x, const T* codebook, const int64_t* indices, const bool* mask,
                     int64_t n, int64_t dim, T* quantized) {
-  const SquaredDistanceFn<T, C> squared_distance = pick_squared_distance<T, C>();
+  const SquaredDistanceFn<T, C> squared_distance =
+      LGVQ_PICK_ISA((std::is_same_v<C, float>), cpu_has_avx2_fma_f16c,
+                    &avx2::squared_distance<T>, (&baseline::squared_distance<T, C>));
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
   const size_t row_bytes = sizeof(T) * static_cast<size_t>(dim);
@@ -261,17 +208,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_straight_through_cpu(
     const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "quantize_straight_through";
   check_quantize_inputs(op, x_in, codebook_in, indices_in, mask);
-  const at::Tensor x = x_in.contiguous(), codebook = codebook_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t n = x.size(0), k = codebook.size(0), dim = x.size(1);
-  const int64_t* index_ptr = indices.data_ptr<int64_t>();
-  check_indices_in_range(op, index_ptr, n, k);
-  at::Tensor mask_holder;
-  const bool* mask_ptr = mask_data(mask, mask_holder);
+  const Inputs in(op, x_in, codebook_in, indices_in, mask);
+  const at::Tensor &x = in.x, &codebook = in.codebook;
+  const int64_t n = in.n, dim = in.dim;
   int64_t valid = n;
-  if (mask_ptr != nullptr) {
+  if (in.mask != nullptr) {
     valid = 0;
-    for (int64_t i = 0; i < n; ++i) valid += mask_ptr[i];
+    for (int64_t i = 0; i < n; ++i) valid += in.mask[i];
   }
 
   const at::ScalarType compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -281,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_straight_through_cpu(
                                   "lgvq_quantize_straight_through_cpu", [&] {
     using C = Compute<scalar_t>;
     const double total = forward_rows<scalar_t, C>(x.data_ptr<scalar_t>(),
-                                                   codebook.data_ptr<scalar_t>(), index_ptr,
-                                                   mask_ptr, n, dim,
+                                                   codebook.data_ptr<scalar_t>(), in.index,
+                                                   in.mask, n, dim,
                                                    quantized.data_ptr<scalar_t>());
     const double denominator = static_cast<double>(std::max<int64_t>(valid * dim, 1));
     *squared_error.data_ptr<C>() = static_cast<C>(total / denominator);
@@ -297,43 +240,42 @@ template <typename T, typename C>
 void backward_rows(const T* x, const T* codebook, const T* grad_quantized,
                    const CodeSegments& segments, int64_t k, int64_t dim, C commit_scale,
                    C codebook_scale, T* grad_x, T* grad_codebook) {
-  const BackwardRowFn<T, C> backward_row = pick_backward_row<T, C>();
-  const std::vector<int64_t> bounds = balanced_code_ranges(segments.offsets, k, dim);
+  const BackwardRowFn<T, C> backward_row =
+      LGVQ_PICK_ISA((std::is_same_v<C, float>), cpu_has_avx2_fma_f16c, &avx2::backward_row<T>,
+                    (&baseline::backward_row<T, C>));
   const int64_t* offsets = segments.offsets.data();
   const int64_t* rows = segments.rows.data();
   const int64_t valid = segments.offsets[k];
   const size_t row_bytes = sizeof(T) * static_cast<size_t>(dim);
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+  parallel_over_codes(segments, k, dim, [&](int64_t first_code, int64_t end_code) {
     std::vector<C> acc(static_cast<size_t>(dim));
     std::vector<C> code(std::is_same_v<T, C> ? 0 : static_cast<size_t>(dim));
-    for (int64_t range = begin; range < end; ++range) {
-      for (int64_t c = bounds[range]; c < bounds[range + 1]; ++c) {
-        T* out = grad_codebook + c * dim;
-        if (offsets[c] == offsets[c + 1]) {
-          std::fill(out, out + dim, T(0));
-          continue;
-        }
-        const C* e;
-        if constexpr (std::is_same_v<T, C>) {
-          e = codebook + c * dim;
-        } else {
-          for (int64_t d = 0; d < dim; ++d) code[d] = static_cast<C>(codebook[c * dim + d]);
-          e = code.data();
-        }
-        std::fill(acc.begin(), acc.end(), C(0));
-        for (int64_t r = offsets[c]; r < offsets[c + 1]; ++r) {
-          if (r + kPrefetchRows < valid) {
-            const int64_t ahead = rows[r + kPrefetchRows] * dim;
-            prefetch_row(x + ahead, row_bytes);
-            if (grad_quantized != nullptr) prefetch_row(grad_quantized + ahead, row_bytes);
-            prefetch_row(grad_x + ahead, row_bytes, /*for_write=*/true);
-          }
-          const int64_t row = rows[r];
-          backward_row(x + row * dim, e, grad_quantized ? grad_quantized + row * dim : nullptr,
-                       commit_scale, codebook_scale, grad_x + row * dim, acc.data(), dim);
-        }
-        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(acc[d]);
+    for (int64_t c = first_code; c < end_code; ++c) {
+      T* out = grad_codebook + c * dim;
+      if (offsets[c] == offsets[c + 1]) {
+        std::fill(out, out + dim, T(0));
+        continue;
       }
+      const C* e;
+      if constexpr (std::is_same_v<T, C>) {
+        e = codebook + c * dim;
+      } else {
+        for (int64_t d = 0; d < dim; ++d) code[d] = static_cast<C>(codebook[c * dim + d]);
+        e = code.data();
+      }
+      std::fill(acc.begin(), acc.end(), C(0));
+      for (int64_t r = offsets[c]; r < offsets[c + 1]; ++r) {
+        if (r + kPrefetchRows < valid) {
+          const int64_t ahead = rows[r + kPrefetchRows] * dim;
+          prefetch_row(x + ahead, row_bytes);
+          if (grad_quantized != nullptr) prefetch_row(grad_quantized + ahead, row_bytes);
+          prefetch_row(grad_x + ahead, row_bytes, /*for_write=*/true);
+        }
+        const int64_t row = rows[r];
+        backward_row(x + row * dim, e, grad_quantized ? grad_quantized + row * dim : nullptr,
+                     commit_scale, codebook_scale, grad_x + row * dim, acc.data(), dim);
+      }
+      for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(acc[d]);
     }
   });
   // Masked-out rows: the straight-through gradient only.
@@ -352,41 +294,23 @@ void backward_rows(const T* x, const T* codebook, const T* grad_quantized,
   });
 }
 
-double scalar_value(const char* op, const char* name, const at::Tensor& t) {
-  CHECK_INPUT(op, t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  CHECK_INPUT(op, t.numel() == 1, name, " must be a scalar (0-d) tensor, got shape ", t.sizes());
-  CHECK_INPUT(op, at::isFloatingType(t.scalar_type()), name, " must be a float tensor, got ",
-              t.scalar_type());
-  return t.item<double>();
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_straight_through_backward_cpu(
     const std::optional<at::Tensor>& grad_quantized_in, const at::Tensor& grad_commitment,
     const at::Tensor& grad_codebook_loss, const at::Tensor& x_in, const at::Tensor& codebook_in,
     const at::Tensor& indices_in, const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "quantize_straight_through_backward";
   check_quantize_inputs(op, x_in, codebook_in, indices_in, mask);
-  const double g_commit = scalar_value(op, "grad_commitment", grad_commitment);
-  const double g_codebook = scalar_value(op, "grad_codebook_loss", grad_codebook_loss);
-  at::Tensor grad_quantized;
-  if (grad_quantized_in.has_value() && grad_quantized_in->defined()) {
-    const at::Tensor& g = *grad_quantized_in;
-    CHECK_INPUT(op, g.device().is_cpu(), "grad_quantized must be a CPU tensor, got ", g.device());
-    CHECK_INPUT(op, g.sizes() == x_in.sizes(), "grad_quantized must have x's shape ",
-                x_in.sizes(), ", got ", g.sizes());
-    CHECK_INPUT(op, is_float_dtype(g.scalar_type()),
-                "grad_quantized must be float32, float64, float16 or bfloat16, got ",
-                g.scalar_type());
-    // Autograd hands the gradient in x's dtype; any other dtype is converted once here.
-    grad_quantized = g.to(x_in.scalar_type()).contiguous();
-  }
-  const at::Tensor x = x_in.contiguous(), codebook = codebook_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t n = x.size(0), k = codebook.size(0), dim = x.size(1);
-  const int64_t* index_ptr = indices.data_ptr<int64_t>();
-  check_indices_in_range(op, index_ptr, n, k);
-  at::Tensor mask_holder;
-  const CodeSegments segments = segments_by_code(index_ptr, mask_data(mask, mask_holder), n, k);
+  check_quantize_gradients(op, grad_quantized_in, grad_commitment, grad_codebook_loss, x_in);
+  const double g_commit = grad_commitment.item<double>();
+  const double g_codebook = grad_codebook_loss.item<double>();
+  // Autograd hands the gradient in x's dtype; any other dtype is converted once here.
+  const at::Tensor grad_quantized = has_value(grad_quantized_in)
+                                        ? grad_quantized_in->to(x_in.scalar_type()).contiguous()
+                                        : at::Tensor();
+  const Inputs in(op, x_in, codebook_in, indices_in, mask);
+  const at::Tensor &x = in.x, &codebook = in.codebook;
+  const int64_t n = in.n, k = in.k, dim = in.dim;
+  const CodeSegments segments = segments_by_code(in.index, in.mask, n, k);
   const int64_t valid = segments.offsets[k];
 
   at::Tensor grad_x = at::empty({n, dim}, x.options());
@@ -407,8 +331,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_straight_through_backward_cpu(
   });
   return {grad_x, grad_codebook};
 }
-
-#undef CHECK_INPUT
 
 }  // namespace
 

@@ -24,9 +24,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+#include "segments.h"
 #include "simd.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -38,18 +38,14 @@
 namespace lgvq {
 namespace {
 
-using namespace cpu_simd;  // AVX2 feature checks and helpers
-
-#define CHECK_INPUT(cond, ...) \
-  TORCH_CHECK_VALUE(cond, "lgvq_C::relation_alignment_loss: ", __VA_ARGS__)
+using namespace checks;      // input checks (csrc/checks.h)
+using namespace cpu_common;  // Compute
+using namespace cpu_simd;    // AVX2 feature checks and helpers
 
 constexpr int64_t kLanes = 8;       // row padding and dot lanes (one AVX2 register of float32)
 constexpr int kRowGroup = 4;        // micro-kernel rows (words) per block
 constexpr int kColumnGroup = 3;     // micro-kernel columns (positions) per block: 12 accumulators
 constexpr double kEps = 1e-12;      // F.normalize's eps
-
-template <typename T>
-using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // out[i * out_stride + j] = a_i . b_j for i < rows_a, j < rows_b; rows are `width` long
 // (a multiple of kLanes, zero-padded) and `width` apart.
@@ -82,10 +78,10 @@ void dots(const C* a, int64_t rows_a, const C* b, int64_t rows_b, int64_t width,
 
 }  // namespace baseline
 
+#if LGVQ_HAVE_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-
 
 // R rows of a against K rows of b; each pair: acc = fma(a, b, acc) over the width, then
 // horizontal_sum - the same sequence for every R x K, so the results do not depend on blocking.
@@ -127,15 +123,7 @@ void dots(const float* a, int64_t rows_a, const float* b, int64_t rows_b, int64_
 
 }  // namespace avx2
 #pragma GCC pop_options
-
-
-template <typename C>
-DotsFn<C> pick_dots() {
-  if constexpr (std::is_same_v<C, float>) {
-    if (cpu_has_avx2_fma()) return &avx2::dots;
-  }
-  return &baseline::dots<C>;
-}
+#endif  // LGVQ_HAVE_AVX2
 
 // out[i * n + j] = a_i . a_j for i, j < n: the upper triangle by row blocks, mirrored (exact:
 // the micro-kernel's a_i . a_j and a_j . a_i round the same).
@@ -190,8 +178,9 @@ struct Sample {
 
   Sample(int64_t l, int64_t m, int64_t c)
       : length(l), positions(m), dim(c), width((c + kLanes - 1) / kLanes * kLanes),
-        dots(pick_dots<C>()), words(l * width), visual(m * width), scores(l * m), chosen(l),
-        best(l), mask(l), norm(l), den(l), unit(l * width), code_side(l * width),
+        dots(LGVQ_PICK_ISA((std::is_same_v<C, float>), cpu_has_avx2_fma, &avx2::dots,
+                           &baseline::dots<C>)),
+        words(l * width), visual(m * width), scores(l * m), chosen(l), best(l), mask(l), norm(l), den(l), unit(l * width), code_side(l * width),
         code_gram(l * l), word_gram(l * l), difference(l * l) {}
 
   void compute(const T* w, const T* v, const T* codes, const bool* word_mask) {
@@ -296,33 +285,10 @@ struct Sample {
 
 // Checks the inputs; returns them contiguous, in one dtype (all in the compute dtype when they
 // differ, as the reference computes: codes.dtype decides).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare(const at::Tensor& words,
-                                                                   const at::Tensor& visual,
-                                                                   const at::Tensor& codes,
-                                                                   const at::Tensor& word_mask) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"words", words},
-                                {"visual", visual}, {"codes", codes}, {"word_mask", word_mask}}) {
-    CHECK_INPUT(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"words", words},
-                                {"visual", visual}, {"codes", codes}}) {
-    const auto dtype = t.scalar_type();
-    CHECK_INPUT(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                    dtype == at::kBFloat16,
-                name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-    CHECK_INPUT(t.dim() == 3, name, " must have 3 dimensions, got shape ", t.sizes());
-  }
-  const int64_t batch = words.size(0), length = words.size(1), dim = words.size(2);
-  CHECK_INPUT(visual.size(0) == batch && visual.size(2) == dim, "visual must be [", batch,
-              ", M, ", dim, "] to match words, got shape ", visual.sizes());
-  CHECK_INPUT(visual.size(1) >= 1, "visual must hold at least one position, got shape ",
-              visual.sizes());
-  CHECK_INPUT(codes.sizes() == visual.sizes(), "codes must have the shape of visual ",
-              visual.sizes(), ", got ", codes.sizes());
-  CHECK_INPUT(word_mask.scalar_type() == at::kBool, "word_mask must be bool, got ",
-              word_mask.scalar_type());
-  CHECK_INPUT(word_mask.dim() == 2 && word_mask.size(0) == batch && word_mask.size(1) == length,
-              "word_mask must be [", batch, ", ", length, "], got shape ", word_mask.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare(
+    const char* op, const at::Tensor& words, const at::Tensor& visual, const at::Tensor& codes,
+    const at::Tensor& word_mask) {
+  check_relation_inputs(op, words, visual, codes, word_mask);
   const auto dtype = codes.scalar_type();
   if (words.scalar_type() == dtype && visual.scalar_type() == dtype) {
     return {words.contiguous(), visual.contiguous(), codes.contiguous(), word_mask.contiguous()};
@@ -336,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor> relation_alignment_loss_cpu(const at::Tensor&
                                                                const at::Tensor& visual_in,
                                                                const at::Tensor& codes_in,
                                                                const at::Tensor& mask_in) {
-  const auto [words, visual, codes, word_mask] = prepare(words_in, visual_in, codes_in, mask_in);
+  const auto [words, visual, codes, word_mask] =
+      prepare("relation_alignment_loss", words_in, visual_in, codes_in, mask_in);
   const int64_t batch = words.size(0), length = words.size(1), dim = words.size(2);
   const int64_t positions = visual.size(1);
   const auto compute = codes_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -375,11 +342,11 @@ at::Tensor relation_alignment_loss_backward_cpu(const at::Tensor& grad_loss,
                                                 const at::Tensor& visual_in,
                                                 const at::Tensor& codes_in,
                                                 const at::Tensor& mask_in) {
-  CHECK_INPUT(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
-              grad_loss.sizes());
-  CHECK_INPUT(grad_loss.device().is_cpu(), "grad_loss must be a CPU tensor, got ",
-              grad_loss.device());
-  const auto [words, visual, codes, word_mask] = prepare(words_in, visual_in, codes_in, mask_in);
+  constexpr const char* op = "relation_alignment_loss_backward";
+  const auto [words, visual, codes, word_mask] =
+      prepare(op, words_in, visual_in, codes_in, mask_in);
+  check_device(op, "grad_loss", grad_loss, codes_in.device());
+  check_scalar(op, "grad_loss", grad_loss);
   const int64_t batch = words.size(0), length = words.size(1), dim = words.size(2);
   const int64_t positions = visual.size(1);
   at::Tensor grad_codes = at::empty(codes.sizes(), codes.options());

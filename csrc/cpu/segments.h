@@ -1,18 +1,17 @@
-// Helpers shared by the CPU training ops (quantize.cpp, codebook_ema.cpp): dtype and index
-// checks, the stable counting sort of rows by code behind every deterministic segment sum, and
-// the split of codes into tasks of about equal work.
+// Helpers shared by the CPU training ops (quantize.cpp, codebook_ema.cpp): the stable counting
+// sort of rows by code behind every deterministic segment sum, the split of codes into tasks of
+// about equal work, and the compute type of each storage dtype. (Input checks: csrc/checks.h.)
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
-
-#define LGVQ_CHECK_INPUT(op, cond, ...) \
-  TORCH_CHECK_VALUE(cond, "lgvq_C::", op, ": ", __VA_ARGS__)
 
 namespace lgvq {
 namespace cpu_common {
@@ -20,19 +19,23 @@ namespace cpu_common {
 inline constexpr int64_t kMinTaskElements = 1 << 15;  // smallest task worth a thread, in elements
 inline constexpr int64_t kChunksPerThread = 8;        // code ranges per thread (load balance)
 
-inline bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
+// float64 computes in float64; float32, float16 and bfloat16 compute in float32.
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// One cheap branch-free pass; only a failing batch pays for finding the first offender.
-inline void check_indices_in_range(const char* op, const int64_t* indices, int64_t n, int64_t k) {
-  const uint64_t limit = static_cast<uint64_t>(k);
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(indices[i]) >= limit;
-  if (!bad) return;
-  for (int64_t i = 0; i < n; ++i) {
-    LGVQ_CHECK_INPUT(op, static_cast<uint64_t>(indices[i]) < limit, "indices must lie in [0, ", k,
-                     ") (the number of codes), got indices[", i, "] = ", indices[i]);
+// Rows visited out of memory order (in code order, or a code row per row) are prefetched this
+// many rows ahead: the hardware prefetcher does not follow a row index. On the loaded 2-core test
+// machine (1 thread, N=16384, D=256 float32) it was within noise at K=1024 and gave the quantizer
+// forward 6.6 -> 5.0 ms at K=16384 (a 16 MiB codebook); distances 1-8 were tried.
+inline constexpr int64_t kPrefetchRows = 2;
+
+// Prefetches the `bytes` bytes at p, one cache line at a time.
+inline void prefetch_row(const void* p, size_t bytes, bool for_write = false) {
+  const char* c = static_cast<const char*>(p);
+  if (for_write) {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 3);
+  } else {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
   }
 }
 
@@ -65,8 +68,7 @@ inline CodeSegments segments_by_code(const int64_t* indices, const bool* mask, i
   return s;
 }
 
-// Boundaries of consecutive code ranges of about equal work (rows + 1 per code). Each code is
-// summed whole by one task, so the result does not depend on where these boundaries fall.
+// Boundaries of consecutive code ranges of about equal work (rows + 1 per code).
 inline std::vector<int64_t> balanced_code_ranges(const std::vector<int64_t>& offsets, int64_t k,
                                                  int64_t dim) {
   const int64_t work = offsets[k] + k;
@@ -84,6 +86,17 @@ inline std::vector<int64_t> balanced_code_ranges(const std::vector<int64_t>& off
   }
   bounds.push_back(k);
   return bounds;
+}
+
+// Calls per_task(first_code, end_code) in parallel over consecutive code ranges of about equal
+// work (each task owns codes [first_code, end_code)). Each code is summed whole by one task, so
+// the result depends neither on where the ranges fall nor on the thread count. A task may keep
+// O(D) scratch for its codes.
+template <typename F>
+void parallel_over_codes(const CodeSegments& segments, int64_t k, int64_t dim, const F& per_task) {
+  const std::vector<int64_t> bounds = balanced_code_ranges(segments.offsets, k, dim);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1,
+                   [&](int64_t begin, int64_t end) { per_task(bounds[begin], bounds[end]); });
 }
 
 // Pointer to a contiguous bool mask, or nullptr when there is none; `holder` keeps it alive.

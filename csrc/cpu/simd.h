@@ -1,34 +1,96 @@
-// AVX2 helpers shared by the CPU kernels: runtime feature checks and 8-lane float loads/stores
-// of float, half and bfloat16 rows. Each kernel file compiles its AVX2 paths under
-// `#pragma GCC target(...)` and picks them at run time with these checks.
+// The one home of the CPU kernels' instruction-set choice: whether this build has AVX2 kernels
+// at all (compile time), whether this CPU runs them (run time), the pick between an AVX2 and a
+// baseline version of a kernel, and the 8-lane float loads/stores of float, half and bfloat16
+// rows that the AVX2 kernels share.
+//
+// LGVQ_HAVE_AVX2 is 1 only when compiling for x86-64 with GCC: the AVX2 kernels are compiled
+// under `#pragma GCC target(...)` (which clang ignores) and picked at run time with
+// __builtin_cpu_supports. Everywhere else (aarch64 such as Grace/GH200, clang, MSVC) the AVX2 code
+// is not compiled and <immintrin.h> is not included: the baseline kernels serve, and the CUDA
+// kernels that share this extension still build. Each kernel file wraps its AVX2 versions in
+// `#if LGVQ_HAVE_AVX2` and picks with LGVQ_PICK_ISA.
+//
+// Two switches force the baseline kernels on an AVX2 machine, to test the portable path there:
+//   -DLGVQ_NO_AVX2           at build time: no AVX2 code at all, as on aarch64
+//                            (tests/kernels/test_cpu_portable_build.py compiles every CPU source
+//                            this way);
+//   LGVQ_NO_AVX2=1           in the environment, read once at the first kernel call: the AVX2
+//                            kernels are compiled but not picked.
+// lgvq_kernels._C.cpu_isa() says which set runs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LGVQ_NO_AVX2)
+#define LGVQ_HAVE_AVX2 1
 #include <immintrin.h>
+#else
+#define LGVQ_HAVE_AVX2 0
+#endif
 
 namespace lgvq::cpu_simd {
 
-// LGVQ_NO_AVX2 (a build switch) forces the baseline kernels, to test them on an AVX2 machine.
+// LGVQ_NO_AVX2 set in the environment (and not "0" or empty) turns the AVX2 kernels off.
+inline bool avx2_disabled_by_environment() {
+  const char* value = std::getenv("LGVQ_NO_AVX2");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+// AVX2 and FMA: this build has the AVX2 kernels, the CPU runs them and the environment allows.
 inline bool cpu_has_avx2_fma() {
-#ifdef LGVQ_NO_AVX2
-  return false;
-#else
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if LGVQ_HAVE_AVX2
+  static const bool has = !avx2_disabled_by_environment() && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma");
   return has;
+#else
+  return false;
 #endif
 }
 
 // Also F16C: the half <-> float conversions of load8/store8.
 inline bool cpu_has_avx2_fma_f16c() {
-#ifdef LGVQ_NO_AVX2
-  return false;
-#else
+#if LGVQ_HAVE_AVX2
   static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("f16c");
   return has;
+#else
+  return false;
 #endif
 }
+
+// What the CPU kernels run here: "avx2+fma+f16c", "avx2+fma" (the float32 kernels only) or
+// "baseline".
+inline const char* cpu_isa() {
+  if (cpu_has_avx2_fma_f16c()) return "avx2+fma+f16c";
+  return cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
+}
+
+}  // namespace lgvq::cpu_simd
+
+// LGVQ_PICK_ISA(eligible, cpu_check, avx2_version, baseline_version): the kernel a call should
+// use, as an expression. avx2_version where this build has the AVX2 kernels, the compile-time
+// condition `eligible` holds (e.g. the AVX2 version exists for float32 accumulation only) and
+// cpu_check() says the CPU runs them; else baseline_version. Where `eligible` is false the AVX2
+// expression is not instantiated; without LGVQ_HAVE_AVX2 it is not even compiled. Both versions
+// must have one type; wrap an argument holding a comma in parentheses.
+#if LGVQ_HAVE_AVX2
+#define LGVQ_PICK_ISA(eligible, cpu_check, avx2_version, baseline_version) \
+  ([&] {                                                                  \
+    if constexpr (eligible) {                                             \
+      if (cpu_check()) return avx2_version;                               \
+    }                                                                     \
+    return baseline_version;                                              \
+  }())
+#else
+#define LGVQ_PICK_ISA(eligible, cpu_check, avx2_version, baseline_version) (baseline_version)
+#endif
+
+#if LGVQ_HAVE_AVX2
+namespace lgvq::cpu_simd {
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -69,3 +131,4 @@ inline void store8(c10::BFloat16* p, __m256 v) {
 #pragma GCC pop_options
 
 }  // namespace lgvq::cpu_simd
+#endif  // LGVQ_HAVE_AVX2

@@ -4,7 +4,7 @@
 // a strided slice, then a fixed-order block reduction), written to a device scalar: no host sync.
 // Kernel 2, one warp per code: the EMA of the sums (or the replacement) and the new code row.
 //
-// Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
+// Pure CUDA on purpose (no torch headers): csrc/cuda/codebook_ema_cuda.cpp binds it to tensors.
 #include "codebook_ema.cuh"
 #include "common.cuh"
 
@@ -19,12 +19,8 @@ namespace lgvq {
 namespace cuda {
 namespace codebook_ema_detail {
 
-using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
+using namespace ::lgvq::cuda::common;  // block shape, dtype conversions, ceil_div, align_up
 
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kTiny = 1.17549435e-38f;  // FLT_MIN, torch.finfo(float32).tiny
 
 // Scalars of the update, rounded once on the host as the reference's tensor-scalar ops do.
@@ -117,15 +113,16 @@ ema_codebook_kernel(const float* __restrict__ stats, const float* __restrict__ c
 // ---- host launchers ---------------------------------------------------------------------------
 #ifndef LGVQ_CODEBOOK_EMA_KERNELS_ONLY
 
-namespace {
-
 using namespace codebook_ema_detail;
 
+size_t codebook_ema_workspace_bytes() { return kAlignment; }  // the float32 total
+
 template <typename T>
-cudaError_t launch_update(const float* stats, float* cluster_size, float* embed_sum, T* codebook,
-                          const float* replacement, bool* dead, int64_t k, int64_t d,
-                          double decay, double eps, double dead_threshold, void* workspace,
-                          cudaStream_t stream) {
+cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
+                                       T* codebook, const float* replacement, bool* dead,
+                                       int64_t k, int64_t d, double decay, double eps,
+                                       double dead_threshold, void* workspace,
+                                       cudaStream_t stream) {
   if (k < 0 || k > 0x7fffffff || d < 0) return cudaErrorInvalidValue;
   if (k == 0) return cudaSuccess;
   if (stats == nullptr || cluster_size == nullptr || embed_sum == nullptr ||
@@ -143,36 +140,12 @@ cudaError_t launch_update(const float* stats, float* cluster_size, float* embed_
   return cudaGetLastError();
 }
 
-}  // namespace
-
-size_t codebook_ema_workspace_bytes() { return 256; }
-
-cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       float* codebook, const float* replacement, bool* dead,
-                                       int64_t k, int64_t d, double decay, double eps,
-                                       double dead_threshold, void* workspace,
-                                       cudaStream_t stream) {
-  return launch_update(stats, cluster_size, embed_sum, codebook, replacement, dead, k, d, decay,
-                       eps, dead_threshold, workspace, stream);
-}
-
-cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       __half* codebook, const float* replacement, bool* dead,
-                                       int64_t k, int64_t d, double decay, double eps,
-                                       double dead_threshold, void* workspace,
-                                       cudaStream_t stream) {
-  return launch_update(stats, cluster_size, embed_sum, codebook, replacement, dead, k, d, decay,
-                       eps, dead_threshold, workspace, stream);
-}
-
-cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       __nv_bfloat16* codebook, const float* replacement,
-                                       bool* dead, int64_t k, int64_t d, double decay, double eps,
-                                       double dead_threshold, void* workspace,
-                                       cudaStream_t stream) {
-  return launch_update(stats, cluster_size, embed_sum, codebook, replacement, dead, k, d, decay,
-                       eps, dead_threshold, workspace, stream);
-}
+#define LGVQ_INSTANTIATE(T)                                                                      \
+  template cudaError_t launch_codebook_ema_update<T>(const float*, float*, float*, T*,           \
+                                                     const float*, bool*, int64_t, int64_t,      \
+                                                     double, double, double, void*, cudaStream_t);
+LGVQ_FOR_EACH_KERNEL_DTYPE(LGVQ_INSTANTIATE)
+#undef LGVQ_INSTANTIATE
 
 #endif  // LGVQ_CODEBOOK_EMA_KERNELS_ONLY
 

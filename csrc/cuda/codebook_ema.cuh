@@ -1,5 +1,5 @@
 // EMA codebook update on CUDA: raw-pointer launchers (pure CUDA, no torch headers). The tensor
-// binding is csrc/cuda/training_ops_cuda.cpp; semantics are those of lgvq_C::codebook_ema_update_
+// binding is csrc/cuda/codebook_ema_cuda.cpp; semantics are those of lgvq_C::codebook_ema_update_
 // (csrc/registration.cpp) and lgvq_kernels/reference.py. The packed statistics it consumes come
 // from launch_codebook_statistics (quantize.cuh: the per-code segment sums live with the
 // quantizer's backward, which shares their sort).
@@ -31,19 +31,11 @@ namespace cuda {
 // Two kernels, no host synchronisation (total stays on the device, in `workspace`: at least
 // codebook_ema_workspace_bytes()). k == 0 launches nothing. Requires 0 <= k <= INT32_MAX.
 size_t codebook_ema_workspace_bytes();
+// T (the codebook's dtype): float, __half or __nv_bfloat16 (instantiated in codebook_ema.cu).
+template <typename T>
 cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       float* codebook, const float* replacement, bool* dead,
+                                       T* codebook, const float* replacement, bool* dead,
                                        int64_t k, int64_t d, double decay, double eps,
-                                       double dead_threshold, void* workspace,
-                                       cudaStream_t stream);
-cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       __half* codebook, const float* replacement, bool* dead,
-                                       int64_t k, int64_t d, double decay, double eps,
-                                       double dead_threshold, void* workspace,
-                                       cudaStream_t stream);
-cudaError_t launch_codebook_ema_update(const float* stats, float* cluster_size, float* embed_sum,
-                                       __nv_bfloat16* codebook, const float* replacement,
-                                       bool* dead, int64_t k, int64_t d, double decay, double eps,
                                        double dead_threshold, void* workspace,
                                        cudaStream_t stream);
 

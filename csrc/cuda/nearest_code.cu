@@ -27,10 +27,9 @@ namespace lgvq {
 namespace cuda {
 namespace nearest_code_detail {
 
-using namespace ::lgvq::cuda::common;  // to_float (common.cuh)
+using namespace ::lgvq::cuda::common;  // block shape, to_float (common.cuh)
 
 // ---- tile shape --------------------------------------------------------------------------
-constexpr int kThreads = 256;       // 8 warps
 constexpr int kTileRows = 128;      // rows of x per block tile
 constexpr int kTileCodes = 128;     // codes per codebook tile
 constexpr int kChunk = 16;          // D elements staged per step
@@ -241,8 +240,8 @@ nearest_code_search_kernel(const T* __restrict__ x, const T* __restrict__ codebo
       uint32_t index = best_index[i];
 #pragma unroll
       for (int offset = kGroups / 2; offset > 0; offset /= 2) {
-        const float other_score = __shfl_xor_sync(0xffffffffu, score, offset);
-        const uint32_t other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+        const float other_score = __shfl_xor_sync(kFullMask, score, offset);
+        const uint32_t other_index = __shfl_xor_sync(kFullMask, index, offset);
         if (better(other_score, other_index, score, index)) {
           score = other_score;
           index = other_index;
@@ -264,13 +263,12 @@ __global__ void __launch_bounds__(kThreads)
 nearest_code_finish_kernel(const T* __restrict__ x, const T* __restrict__ codebook,
                            const float* __restrict__ sqnorm, int64_t n, int64_t d,
                            unsigned long long* __restrict__ keys, float* __restrict__ distances) {
-  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x % 32;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < n;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     unsigned long long key = 0;
     if (lane == 0) key = keys[row];
-    key = __shfl_sync(0xffffffffu, key, 0);
+    key = __shfl_sync(kFullMask, key, 0);
     const bool none_finite = key == kEmptyKey;  // warp-uniform
 
     const T* x_row = x + row * d;
@@ -287,9 +285,9 @@ nearest_code_finish_kernel(const T* __restrict__ x, const T* __restrict__ codebo
       }
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) {
-        x_sqnorm += __shfl_xor_sync(0xffffffffu, x_sqnorm, offset);
-        dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        code_sqnorm += __shfl_xor_sync(0xffffffffu, code_sqnorm, offset);
+        x_sqnorm += __shfl_xor_sync(kFullMask, x_sqnorm, offset);
+        dot += __shfl_xor_sync(kFullMask, dot, offset);
+        code_sqnorm += __shfl_xor_sync(kFullMask, code_sqnorm, offset);
       }
     }
 
@@ -341,8 +339,7 @@ inline LaunchPlan plan_launch(int64_t n, int64_t k, int sm_count) {
   if (splits > kMaxGridY) splits = kMaxGridY;
   const int64_t per_split = (code_tiles + splits - 1) / splits;
   splits = (code_tiles + per_split - 1) / per_split;  // no empty split
-  const int64_t warps_per_block = kThreads / 32;
-  int64_t finish_blocks = (n + warps_per_block - 1) / warps_per_block;
+  int64_t finish_blocks = (n + kWarps - 1) / kWarps;
   if (finish_blocks > (int64_t{1} << 20)) finish_blocks = int64_t{1} << 20;  // grid-stride
   LaunchPlan plan;
   plan.row_blocks = static_cast<unsigned int>(row_tiles < kMaxGridX ? row_tiles : kMaxGridX);
@@ -358,9 +355,9 @@ inline LaunchPlan plan_launch(int64_t n, int64_t k, int sm_count) {
 // LGVQ_NEAREST_CODE_KERNELS_ONLY: the host-emulation test harness includes the kernels alone.
 #ifndef LGVQ_NEAREST_CODE_KERNELS_ONLY
 
-namespace {
-
 using namespace nearest_code_detail;
+
+namespace {
 
 template <typename T, int kMode>
 cudaError_t launch_kernels(const T* x, const T* codebook, const float* sqnorm, int64_t n,
@@ -375,6 +372,8 @@ cudaError_t launch_kernels(const T* x, const T* codebook, const float* sqnorm, i
       <<<plan.finish_blocks, kThreads, 0, stream>>>(x, codebook, sqnorm, n, d, keys, distances);
   return cudaGetLastError();
 }
+
+}  // namespace
 
 template <typename T>
 cudaError_t launch_nearest_code(const T* x, const T* codebook, const float* sqnorm, int64_t n,
@@ -411,31 +410,11 @@ cudaError_t launch_nearest_code(const T* x, const T* codebook, const float* sqno
                                              distances, stream);
 }
 
-}  // namespace
-
-cudaError_t launch_nearest_code_f32(const float* x, const float* codebook,
-                                    const float* sqnorm_or_null, int64_t n, int64_t k, int64_t d,
-                                    bool cosine, int64_t* indices, float* distances,
-                                    cudaStream_t stream) {
-  return launch_nearest_code(x, codebook, sqnorm_or_null, n, k, d, cosine, indices, distances,
-                             stream);
-}
-
-cudaError_t launch_nearest_code_f16(const __half* x, const __half* codebook,
-                                    const float* sqnorm_or_null, int64_t n, int64_t k, int64_t d,
-                                    bool cosine, int64_t* indices, float* distances,
-                                    cudaStream_t stream) {
-  return launch_nearest_code(x, codebook, sqnorm_or_null, n, k, d, cosine, indices, distances,
-                             stream);
-}
-
-cudaError_t launch_nearest_code_bf16(const __nv_bfloat16* x, const __nv_bfloat16* codebook,
-                                     const float* sqnorm_or_null, int64_t n, int64_t k,
-                                     int64_t d, bool cosine, int64_t* indices, float* distances,
-                                     cudaStream_t stream) {
-  return launch_nearest_code(x, codebook, sqnorm_or_null, n, k, d, cosine, indices, distances,
-                             stream);
-}
+#define LGVQ_INSTANTIATE(T)                                                                  \
+  template cudaError_t launch_nearest_code<T>(const T*, const T*, const float*, int64_t, int64_t, \
+                                              int64_t, bool, int64_t*, float*, cudaStream_t);
+LGVQ_FOR_EACH_KERNEL_DTYPE(LGVQ_INSTANTIATE)
+#undef LGVQ_INSTANTIATE
 
 #endif  // LGVQ_NEAREST_CODE_KERNELS_ONLY
 

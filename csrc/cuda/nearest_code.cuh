@@ -24,18 +24,11 @@ namespace cuda {
 // distances [n] float32. Requires n >= 0, 1 <= k <= INT32_MAX, d >= 1 (else
 // cudaErrorInvalidValue); n == 0 launches nothing. Runs on the current device (the caller sets
 // it) and on `stream`: a memset and two kernels; returns the first launch error, if any.
-cudaError_t launch_nearest_code_f32(const float* x, const float* codebook,
-                                    const float* sqnorm_or_null, int64_t n, int64_t k, int64_t d,
-                                    bool cosine, int64_t* indices, float* distances,
-                                    cudaStream_t stream);
-cudaError_t launch_nearest_code_f16(const __half* x, const __half* codebook,
-                                    const float* sqnorm_or_null, int64_t n, int64_t k, int64_t d,
-                                    bool cosine, int64_t* indices, float* distances,
-                                    cudaStream_t stream);
-cudaError_t launch_nearest_code_bf16(const __nv_bfloat16* x, const __nv_bfloat16* codebook,
-                                     const float* sqnorm_or_null, int64_t n, int64_t k,
-                                     int64_t d, bool cosine, int64_t* indices, float* distances,
-                                     cudaStream_t stream);
+// T: float, __half or __nv_bfloat16 (instantiated in nearest_code.cu).
+template <typename T>
+cudaError_t launch_nearest_code(const T* x, const T* codebook, const float* sqnorm_or_null,
+                                int64_t n, int64_t k, int64_t d, bool cosine, int64_t* indices,
+                                float* distances, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lgvq

@@ -23,7 +23,7 @@
 // order of every sum is fixed by (n, sorted keys) alone: the same bits on any device.
 // Not yet timed on a GPU (kTileRows, kBatchRows and the 32-column chunks are first guesses).
 //
-// Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
+// Pure CUDA on purpose (no torch headers): csrc/cuda/quantize_cuda.cpp binds it to tensors.
 #include "quantize.cuh"
 #include "common.cuh"
 
@@ -44,17 +44,12 @@ namespace lgvq {
 namespace cuda {
 namespace quantize_detail {
 
-using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
+using namespace ::lgvq::cuda::common;  // block shape, dtype conversions, ceil_div, align_up
 
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRowIterations = 4;     // forward: rows per row group and block
 constexpr int kTileRows = 64;         // segment sums: sorted positions per tile (2 per lane)
 constexpr int kBatchRows = 8;         // segment sums: rows whose loads are in flight together
 constexpr uint32_t kNoKey = 0xffffffffu;  // "no neighbour" (keys are at most k < 2^31)
-constexpr size_t kAlignment = 256;
 static_assert(kTileRows == 64, "the tile's keys and rows are held in two registers per lane");
 
 __host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -163,7 +158,6 @@ struct ForwardLayout {
   size_t partial_sums, partial_counts, total;
 };
 
-inline size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
 inline ForwardLayout forward_layout(int64_t n, int64_t d) {
   const size_t blocks = static_cast<size_t>(forward_blocks(n, d));
@@ -444,34 +438,9 @@ inline bool valid_sizes(int64_t n, int64_t k, int64_t d) {
 // ---- host launchers ---------------------------------------------------------------------------
 #ifndef LGVQ_QUANTIZE_KERNELS_ONLY
 
-namespace {
-
 using namespace quantize_detail;
 
-template <typename T>
-cudaError_t launch_forward(const T* x, const T* codebook, const int64_t* indices,
-                           const bool* mask, int64_t n, int64_t k, int64_t d, T* quantized,
-                           float* squared_error, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream) {
-  if (!valid_sizes(n, k, d)) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  const ForwardLayout layout = forward_layout(n, d);
-  if (x == nullptr || codebook == nullptr || indices == nullptr || quantized == nullptr ||
-      squared_error == nullptr || workspace == nullptr || workspace_bytes < layout.total) {
-    return cudaErrorInvalidValue;
-  }
-  char* base = static_cast<char*>(workspace);
-  float* partial_sums = reinterpret_cast<float*>(base + layout.partial_sums);
-  auto* partial_counts = reinterpret_cast<unsigned long long*>(base + layout.partial_counts);
-  const int64_t blocks = forward_blocks(n, d);  // <= 2^26: n < 2^31, >= 32 rows per block
-  quantize_forward_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      x, codebook, indices, mask, n, k, d, quantized, partial_sums, partial_counts);
-  cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  quantize_forward_finish_kernel<<<1, kThreads, 0, stream>>>(partial_sums, partial_counts,
-                                                             blocks, d, squared_error);
-  return cudaGetLastError();
-}
+namespace {
 
 cudaError_t sort_temp_bytes(int64_t n, int64_t k, size_t* bytes) {
   cub::DoubleBuffer<uint32_t> keys(nullptr, nullptr), rows(nullptr, nullptr);
@@ -539,12 +508,53 @@ cudaError_t run_segments(Op op, const int64_t* indices, const bool* mask, int64_
   return cudaGetLastError();
 }
 
+}  // namespace
+
+size_t quantize_forward_workspace_bytes(int64_t n, int64_t d) {
+  if (n <= 0 || d < 1) return 0;
+  return quantize_detail::forward_layout(n, d).total;
+}
+
+cudaError_t quantize_backward_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes) {
+  return segment_workspace_bytes(n, k, d, bytes);
+}
+
+cudaError_t codebook_statistics_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes) {
+  return segment_workspace_bytes(n, k, d + 1, bytes);
+}
+
 template <typename T>
-cudaError_t launch_backward(const T* grad_quantized, const float* grad_commitment,
-                            const float* grad_codebook_loss, const T* x, const T* codebook,
-                            const int64_t* indices, const bool* mask, int64_t n, int64_t k,
-                            int64_t d, T* grad_x, T* grad_codebook, void* workspace,
-                            size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t launch_quantize_straight_through(const T* x, const T* codebook,
+                                             const int64_t* indices, const bool* mask, int64_t n,
+                                             int64_t k, int64_t d, T* quantized,
+                                             float* squared_error, void* workspace,
+                                             size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_sizes(n, k, d)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const ForwardLayout layout = forward_layout(n, d);
+  if (x == nullptr || codebook == nullptr || indices == nullptr || quantized == nullptr ||
+      squared_error == nullptr || workspace == nullptr || workspace_bytes < layout.total) {
+    return cudaErrorInvalidValue;
+  }
+  char* base = static_cast<char*>(workspace);
+  float* partial_sums = reinterpret_cast<float*>(base + layout.partial_sums);
+  auto* partial_counts = reinterpret_cast<unsigned long long*>(base + layout.partial_counts);
+  const int64_t blocks = forward_blocks(n, d);  // <= 2^26: n < 2^31, >= 32 rows per block
+  quantize_forward_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+      x, codebook, indices, mask, n, k, d, quantized, partial_sums, partial_counts);
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  quantize_forward_finish_kernel<<<1, kThreads, 0, stream>>>(partial_sums, partial_counts,
+                                                             blocks, d, squared_error);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_quantize_straight_through_backward(
+    const T* grad_quantized, const float* grad_commitment, const float* grad_codebook_loss,
+    const T* x, const T* codebook, const int64_t* indices, const bool* mask, int64_t n, int64_t k,
+    int64_t d, T* grad_x, T* grad_codebook, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream) {
   if (!valid_sizes(n, k, d)) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   if (grad_commitment == nullptr || grad_codebook_loss == nullptr || x == nullptr ||
@@ -574,9 +584,10 @@ cudaError_t launch_backward(const T* grad_quantized, const float* grad_commitmen
 }
 
 template <typename T>
-cudaError_t launch_statistics(const T* x, const int64_t* indices, const bool* mask, int64_t n,
-                              int64_t k, int64_t d, float* stats, void* workspace,
-                              size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t launch_codebook_statistics(const T* x, const int64_t* indices, const bool* mask,
+                                       int64_t n, int64_t k, int64_t d, float* stats,
+                                       void* workspace, size_t workspace_bytes,
+                                       cudaStream_t stream) {
   if (!valid_sizes(n, k, d + 1)) return cudaErrorInvalidValue;  // d == 0: counts only
   if (n == 0) return cudaSuccess;
   if (x == nullptr || indices == nullptr || (k > 0 && stats == nullptr)) {
@@ -592,50 +603,18 @@ cudaError_t launch_statistics(const T* x, const int64_t* indices, const bool* ma
                       workspace_bytes, stream);
 }
 
-}  // namespace
-
-size_t quantize_forward_workspace_bytes(int64_t n, int64_t d) {
-  if (n <= 0 || d < 1) return 0;
-  return quantize_detail::forward_layout(n, d).total;
-}
-
-cudaError_t quantize_backward_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes) {
-  return segment_workspace_bytes(n, k, d, bytes);
-}
-
-cudaError_t codebook_statistics_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes) {
-  return segment_workspace_bytes(n, k, d + 1, bytes);
-}
-
-#define LGVQ_DEFINE_QUANTIZE_LAUNCHERS(T)                                                        \
-  cudaError_t launch_quantize_straight_through(                                                  \
-      const T* x, const T* codebook, const int64_t* indices, const bool* mask, int64_t n,        \
-      int64_t k, int64_t d, T* quantized, float* squared_error, void* workspace,                 \
-      size_t workspace_bytes, cudaStream_t stream) {                                             \
-    return launch_forward(x, codebook, indices, mask, n, k, d, quantized, squared_error,         \
-                          workspace, workspace_bytes, stream);                                   \
-  }                                                                                              \
-  cudaError_t launch_quantize_straight_through_backward(                                         \
-      const T* grad_quantized, const float* grad_commitment, const float* grad_codebook_loss,    \
-      const T* x, const T* codebook, const int64_t* indices, const bool* mask, int64_t n,        \
-      int64_t k, int64_t d, T* grad_x, T* grad_codebook, void* workspace,                        \
-      size_t workspace_bytes, cudaStream_t stream) {                                             \
-    return launch_backward(grad_quantized, grad_commitment, grad_codebook_loss, x, codebook,     \
-                           indices, mask, n, k, d, grad_x, grad_codebook, workspace,             \
-                           workspace_bytes, stream);                                             \
-  }                                                                                              \
-  cudaError_t launch_codebook_statistics(const T* x, const int64_t* indices, const bool* mask,   \
-                                         int64_t n, int64_t k, int64_t d, float* stats,          \
-                                         void* workspace, size_t workspace_bytes,                \
-                                         cudaStream_t stream) {                                  \
-    return launch_statistics(x, indices, mask, n, k, d, stats, workspace, workspace_bytes,       \
-                             stream);                                                            \
-  }
-
-LGVQ_DEFINE_QUANTIZE_LAUNCHERS(float)
-LGVQ_DEFINE_QUANTIZE_LAUNCHERS(__half)
-LGVQ_DEFINE_QUANTIZE_LAUNCHERS(__nv_bfloat16)
-#undef LGVQ_DEFINE_QUANTIZE_LAUNCHERS
+#define LGVQ_INSTANTIATE(T)                                                                      \
+  template cudaError_t launch_quantize_straight_through<T>(                                      \
+      const T*, const T*, const int64_t*, const bool*, int64_t, int64_t, int64_t, T*, float*,    \
+      void*, size_t, cudaStream_t);                                                              \
+  template cudaError_t launch_quantize_straight_through_backward<T>(                             \
+      const T*, const float*, const float*, const T*, const T*, const int64_t*, const bool*,     \
+      int64_t, int64_t, int64_t, T*, T*, void*, size_t, cudaStream_t);                           \
+  template cudaError_t launch_codebook_statistics<T>(const T*, const int64_t*, const bool*,      \
+                                                     int64_t, int64_t, int64_t, float*, void*,   \
+                                                     size_t, cudaStream_t);
+LGVQ_FOR_EACH_KERNEL_DTYPE(LGVQ_INSTANTIATE)
+#undef LGVQ_INSTANTIATE
 
 #endif  // LGVQ_QUANTIZE_KERNELS_ONLY
 

@@ -1,5 +1,5 @@
 // Straight-through quantizer and per-code row statistics on CUDA: raw-pointer launchers (pure
-// CUDA, no torch headers). The tensor binding is csrc/cuda/training_ops_cuda.cpp; semantics are
+// CUDA, no torch headers). The tensor binding is csrc/cuda/quantize_cuda.cpp; semantics are
 // those of the lgvq_C schemas in csrc/registration.cpp (quantize_straight_through, its backward,
 // codebook_statistics) and of lgvq_kernels/reference.py.
 //
@@ -8,8 +8,9 @@
 // rows in a fixed order: deterministic, no float atomics.
 //
 // Common contract of the launchers below:
-//   * x [n, d] and codebook [k, d] contiguous row-major, same element type (float, __half or
-//     __nv_bfloat16); indices [n] int64; mask [n] (bool, 1 byte) or nullptr (every row valid).
+//   * x [n, d] and codebook [k, d] contiguous row-major, same element type T (float, __half or
+//     __nv_bfloat16: each launcher is instantiated for these in quantize.cu); indices [n]
+//     int64; mask [n] (bool, 1 byte) or nullptr (every row valid).
 //     Accumulation is fp32. Element offsets are int64.
 //   * An index outside [0, k) never reads or writes out of bounds: such a row is treated as masked
 //     out (it adds nothing to the loss, the gradients of the codebook or the statistics, and is
@@ -40,20 +41,10 @@ namespace cuda {
 // the reference). Two kernels: per-block partial sums (fixed row blocks), then one block adds them
 // in a fixed order. Deterministic for given (n, d).
 size_t quantize_forward_workspace_bytes(int64_t n, int64_t d);
-cudaError_t launch_quantize_straight_through(const float* x, const float* codebook,
+template <typename T>
+cudaError_t launch_quantize_straight_through(const T* x, const T* codebook,
                                              const int64_t* indices, const bool* mask, int64_t n,
-                                             int64_t k, int64_t d, float* quantized,
-                                             float* squared_error, void* workspace,
-                                             size_t workspace_bytes, cudaStream_t stream);
-cudaError_t launch_quantize_straight_through(const __half* x, const __half* codebook,
-                                             const int64_t* indices, const bool* mask, int64_t n,
-                                             int64_t k, int64_t d, __half* quantized,
-                                             float* squared_error, void* workspace,
-                                             size_t workspace_bytes, cudaStream_t stream);
-cudaError_t launch_quantize_straight_through(const __nv_bfloat16* x,
-                                             const __nv_bfloat16* codebook,
-                                             const int64_t* indices, const bool* mask, int64_t n,
-                                             int64_t k, int64_t d, __nv_bfloat16* quantized,
+                                             int64_t k, int64_t d, T* quantized,
                                              float* squared_error, void* workspace,
                                              size_t workspace_bytes, cudaStream_t stream);
 
@@ -67,39 +58,22 @@ cudaError_t launch_quantize_straight_through(const __nv_bfloat16* x,
 // Every row of grad_x and of grad_codebook is written. Deterministic (same bits every run).
 // The workspace size depends on the device (CUB's sort plan): query it on the device that runs.
 cudaError_t quantize_backward_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes);
+template <typename T>
 cudaError_t launch_quantize_straight_through_backward(
-    const float* grad_quantized, const float* grad_commitment, const float* grad_codebook_loss,
-    const float* x, const float* codebook, const int64_t* indices, const bool* mask, int64_t n,
-    int64_t k, int64_t d, float* grad_x, float* grad_codebook, void* workspace,
-    size_t workspace_bytes, cudaStream_t stream);
-cudaError_t launch_quantize_straight_through_backward(
-    const __half* grad_quantized, const float* grad_commitment, const float* grad_codebook_loss,
-    const __half* x, const __half* codebook, const int64_t* indices, const bool* mask, int64_t n,
-    int64_t k, int64_t d, __half* grad_x, __half* grad_codebook, void* workspace,
-    size_t workspace_bytes, cudaStream_t stream);
-cudaError_t launch_quantize_straight_through_backward(
-    const __nv_bfloat16* grad_quantized, const float* grad_commitment,
-    const float* grad_codebook_loss, const __nv_bfloat16* x, const __nv_bfloat16* codebook,
-    const int64_t* indices, const bool* mask, int64_t n, int64_t k, int64_t d,
-    __nv_bfloat16* grad_x, __nv_bfloat16* grad_codebook, void* workspace,
-    size_t workspace_bytes, cudaStream_t stream);
+    const T* grad_quantized, const float* grad_commitment, const float* grad_codebook_loss,
+    const T* x, const T* codebook, const int64_t* indices, const bool* mask, int64_t n, int64_t k,
+    int64_t d, T* grad_x, T* grad_codebook, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream);
 
 // ---- codebook_statistics ---------------------------------------------------------------------
 // stats [k, d + 1] float32: stats[c, :d] = sum of mask_i * x_i over the rows of code c,
 // stats[c, d] = sum of mask_i (the count); rows of a code summed in a fixed order, zeros for an
 // unused code. Every element is written. Deterministic. Codebook is not needed (only k).
 cudaError_t codebook_statistics_workspace_bytes(int64_t n, int64_t k, int64_t d, size_t* bytes);
-cudaError_t launch_codebook_statistics(const float* x, const int64_t* indices, const bool* mask,
+template <typename T>
+cudaError_t launch_codebook_statistics(const T* x, const int64_t* indices, const bool* mask,
                                        int64_t n, int64_t k, int64_t d, float* stats,
                                        void* workspace, size_t workspace_bytes,
-                                       cudaStream_t stream);
-cudaError_t launch_codebook_statistics(const __half* x, const int64_t* indices, const bool* mask,
-                                       int64_t n, int64_t k, int64_t d, float* stats,
-                                       void* workspace, size_t workspace_bytes,
-                                       cudaStream_t stream);
-cudaError_t launch_codebook_statistics(const __nv_bfloat16* x, const int64_t* indices,
-                                       const bool* mask, int64_t n, int64_t k, int64_t d,
-                                       float* stats, void* workspace, size_t workspace_bytes,
                                        cudaStream_t stream);
 
 }  // namespace cuda

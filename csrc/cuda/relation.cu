@@ -20,7 +20,7 @@
 // L (words per caption) is small, so no step tiles beyond what is written here; shared memory is
 // at most 17 KB per block.
 //
-// Pure CUDA on purpose (no torch headers): csrc/cuda/training_ops_cuda.cpp binds it to tensors.
+// Pure CUDA on purpose (no torch headers): csrc/cuda/relation_cuda.cpp binds it to tensors.
 #include "relation.cuh"
 #include "common.cuh"
 
@@ -35,20 +35,15 @@ namespace lgvq {
 namespace cuda {
 namespace relation_detail {
 
-using namespace ::lgvq::cuda::common;  // to_float, from_float, ceil_div (common.cuh)
+using namespace ::lgvq::cuda::common;  // block shape, dtype conversions, ceil_div, align_up
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTile = 32;             // words (and word pairs, columns) per tile side
 constexpr int kPositionTile = 64;     // positions per tile of the argmax
 constexpr int kStride = kTile + 1;    // shared rows padded: column reads hit 32 distinct banks
 constexpr int kRowsPerWarp = kTile / kWarps;  // 4 words per warp in the tiled kernels
 constexpr float kEps = 1e-12f;        // F.normalize's eps
-constexpr size_t kAlignment = 256;
 constexpr unsigned int kMaxBlocks = 1u << 20;  // grid-stride beyond this
 static_assert(kRowsPerWarp * kWarps == kTile, "8 warps x 4 rows cover a tile");
-
 
 __device__ __forceinline__ bool is_nan(float v) { return v != v; }
 
@@ -441,7 +436,6 @@ struct RelationLayout {
   size_t best, chosen, norm, unit, difference, partials, grad, total;
 };
 
-inline size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
 inline RelationLayout relation_layout(int64_t batch, int64_t length, int64_t width) {
   const size_t words = static_cast<size_t>(batch * length);
@@ -472,13 +466,11 @@ inline bool valid_sizes(int64_t batch, int64_t length, int64_t positions, int64_
 // ---- host launchers ---------------------------------------------------------------------------
 #ifndef LGVQ_RELATION_KERNELS_ONLY
 
-namespace {
-
 using namespace relation_detail;
 
 template <typename T>
-cudaError_t launch_normalize(const T* in, int64_t rows, int64_t width, float* out,
-                             cudaStream_t stream) {
+cudaError_t launch_normalize_rows(const T* in, int64_t rows, int64_t width, float* out,
+                                  cudaStream_t stream) {
   if (rows < 0 || width < 0) return cudaErrorInvalidValue;
   if (rows == 0 || width == 0) return cudaSuccess;
   if (in == nullptr || out == nullptr) return cudaErrorInvalidValue;
@@ -486,6 +478,8 @@ cudaError_t launch_normalize(const T* in, int64_t rows, int64_t width, float* ou
       in, rows, width, out);
   return cudaGetLastError();
 }
+
+namespace {
 
 // The steps both directions share: argmax, unit codes, Gram difference (and its partials).
 template <typename T>
@@ -518,11 +512,14 @@ bool inputs_present(const float* words_unit, const float* visual_unit, const voi
                         word_mask != nullptr);
 }
 
+}  // namespace
+
 template <typename T>
-cudaError_t launch_forward(const float* words_unit, const float* visual_unit, const T* codes,
-                           const bool* word_mask, int64_t batch, int64_t length,
-                           int64_t positions, int64_t width, float* loss, int64_t* chosen,
-                           void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t launch_relation_alignment_loss(const float* words_unit, const float* visual_unit,
+                                           const T* codes, const bool* word_mask, int64_t batch,
+                                           int64_t length, int64_t positions, int64_t width,
+                                           float* loss, int64_t* chosen, void* workspace,
+                                           size_t workspace_bytes, cudaStream_t stream) {
   if (!valid_sizes(batch, length, positions, width)) return cudaErrorInvalidValue;
   if (batch * length == 0) return cudaSuccess;
   const RelationLayout layout = relation_layout(batch, length, width);
@@ -542,11 +539,10 @@ cudaError_t launch_forward(const float* words_unit, const float* visual_unit, co
 }
 
 template <typename T>
-cudaError_t launch_backward(const float* grad_loss, const float* words_unit,
-                            const float* visual_unit, const T* codes, const bool* word_mask,
-                            int64_t batch, int64_t length, int64_t positions, int64_t width,
-                            T* grad_codes, void* workspace, size_t workspace_bytes,
-                            cudaStream_t stream) {
+cudaError_t launch_relation_alignment_loss_backward(
+    const float* grad_loss, const float* words_unit, const float* visual_unit, const T* codes,
+    const bool* word_mask, int64_t batch, int64_t length, int64_t positions, int64_t width,
+    T* grad_codes, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid_sizes(batch, length, positions, width)) return cudaErrorInvalidValue;
   if (batch * length == 0 || width == 0) return cudaSuccess;
   const RelationLayout layout = relation_layout(batch, length, width);
@@ -579,38 +575,23 @@ cudaError_t launch_backward(const float* grad_loss, const float* words_unit,
   return cudaGetLastError();
 }
 
-}  // namespace
-
 size_t relation_alignment_workspace_bytes(int64_t batch, int64_t length, int64_t positions,
                                           int64_t width) {
   if (!relation_detail::valid_sizes(batch, length, positions, width)) return 0;
   return relation_detail::relation_layout(batch, length, width).total;
 }
 
-#define LGVQ_DEFINE_RELATION_LAUNCHERS(T)                                                        \
-  cudaError_t launch_normalize_rows(const T* in, int64_t rows, int64_t width, float* out,        \
-                                    cudaStream_t stream) {                                       \
-    return launch_normalize(in, rows, width, out, stream);                                       \
-  }                                                                                              \
-  cudaError_t launch_relation_alignment_loss(                                                    \
-      const float* words_unit, const float* visual_unit, const T* codes, const bool* word_mask,  \
-      int64_t batch, int64_t length, int64_t positions, int64_t width, float* loss,              \
-      int64_t* chosen, void* workspace, size_t workspace_bytes, cudaStream_t stream) {           \
-    return launch_forward(words_unit, visual_unit, codes, word_mask, batch, length, positions,   \
-                          width, loss, chosen, workspace, workspace_bytes, stream);              \
-  }                                                                                              \
-  cudaError_t launch_relation_alignment_loss_backward(                                           \
-      const float* grad_loss, const float* words_unit, const float* visual_unit, const T* codes, \
-      const bool* word_mask, int64_t batch, int64_t length, int64_t positions, int64_t width,    \
-      T* grad_codes, void* workspace, size_t workspace_bytes, cudaStream_t stream) {             \
-    return launch_backward(grad_loss, words_unit, visual_unit, codes, word_mask, batch, length,  \
-                           positions, width, grad_codes, workspace, workspace_bytes, stream);    \
-  }
-
-LGVQ_DEFINE_RELATION_LAUNCHERS(float)
-LGVQ_DEFINE_RELATION_LAUNCHERS(__half)
-LGVQ_DEFINE_RELATION_LAUNCHERS(__nv_bfloat16)
-#undef LGVQ_DEFINE_RELATION_LAUNCHERS
+#define LGVQ_INSTANTIATE(T)                                                                      \
+  template cudaError_t launch_normalize_rows<T>(const T*, int64_t, int64_t, float*,              \
+                                                cudaStream_t);                                   \
+  template cudaError_t launch_relation_alignment_loss<T>(                                        \
+      const float*, const float*, const T*, const bool*, int64_t, int64_t, int64_t, int64_t,     \
+      float*, int64_t*, void*, size_t, cudaStream_t);                                            \
+  template cudaError_t launch_relation_alignment_loss_backward<T>(                               \
+      const float*, const float*, const float*, const T*, const bool*, int64_t, int64_t,         \
+      int64_t, int64_t, T*, void*, size_t, cudaStream_t);
+LGVQ_FOR_EACH_KERNEL_DTYPE(LGVQ_INSTANTIATE)
+#undef LGVQ_INSTANTIATE
 
 #endif  // LGVQ_RELATION_KERNELS_ONLY
 

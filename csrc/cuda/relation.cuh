@@ -1,5 +1,5 @@
 // LG-VQ relationship-alignment loss on CUDA: raw-pointer launchers (pure CUDA, no torch
-// headers). The tensor binding is csrc/cuda/training_ops_cuda.cpp; semantics are those of
+// headers). The tensor binding is csrc/cuda/relation_cuda.cpp; semantics are those of
 // lgvq_C::relation_alignment_loss(_backward) (csrc/registration.cpp) and of
 // lgvq_kernels/reference.py (relation_alignment_loss).
 //
@@ -12,9 +12,10 @@
 // Every step is a fixed-order computation (no atomics): the same bits every run.
 //
 // Calling sequence: normalise words and visual into float32 buffers with launch_normalize_rows
-// (each in its own dtype), then call the loss or its backward with the codes (in theirs). Both
-// take `workspace`: device memory of at least relation_alignment_workspace_bytes(), 256-byte
-// aligned. Requirements: batch, length, width >= 0, 1 <= positions <= INT32_MAX, else
+// (each in its own dtype), then call the loss or its backward with the codes (in theirs). The
+// element type T of every launcher is float, __half or __nv_bfloat16 (instantiated in
+// relation.cu). Both take `workspace`: device memory of at least
+// relation_alignment_workspace_bytes(), 256-byte aligned. Requirements: batch, length, width >= 0, 1 <= positions <= INT32_MAX, else
 // cudaErrorInvalidValue. When batch * length == 0 they launch nothing and write nothing: the
 // caller sets loss = 0 and grad_codes = 0. Runs on the current device and on `stream` without
 // host synchronisation; returns the first launch error, if any.
@@ -31,56 +32,32 @@ namespace lgvq {
 namespace cuda {
 
 // out[r, :] = in[r, :] / max(|in[r, :]|, 1e-12), float32; in and out [rows, width].
-cudaError_t launch_normalize_rows(const float* in, int64_t rows, int64_t width, float* out,
+template <typename T>
+cudaError_t launch_normalize_rows(const T* in, int64_t rows, int64_t width, float* out,
                                   cudaStream_t stream);
-cudaError_t launch_normalize_rows(const __half* in, int64_t rows, int64_t width, float* out,
-                                  cudaStream_t stream);
-cudaError_t launch_normalize_rows(const __nv_bfloat16* in, int64_t rows, int64_t width,
-                                  float* out, cudaStream_t stream);
 
 size_t relation_alignment_workspace_bytes(int64_t batch, int64_t length, int64_t positions,
                                           int64_t width);
 
 // words_unit [batch, length, width] and visual_unit [batch, positions, width]: the normalised
 // rows (float32). Outputs: loss (float32 device scalar), chosen [batch, length] int64.
+template <typename T>
 cudaError_t launch_relation_alignment_loss(const float* words_unit, const float* visual_unit,
-                                           const float* codes, const bool* word_mask,
-                                           int64_t batch, int64_t length, int64_t positions,
-                                           int64_t width, float* loss, int64_t* chosen,
-                                           void* workspace, size_t workspace_bytes,
-                                           cudaStream_t stream);
-cudaError_t launch_relation_alignment_loss(const float* words_unit, const float* visual_unit,
-                                           const __half* codes, const bool* word_mask,
-                                           int64_t batch, int64_t length, int64_t positions,
-                                           int64_t width, float* loss, int64_t* chosen,
-                                           void* workspace, size_t workspace_bytes,
-                                           cudaStream_t stream);
-cudaError_t launch_relation_alignment_loss(const float* words_unit, const float* visual_unit,
-                                           const __nv_bfloat16* codes, const bool* word_mask,
-                                           int64_t batch, int64_t length, int64_t positions,
-                                           int64_t width, float* loss, int64_t* chosen,
-                                           void* workspace, size_t workspace_bytes,
-                                           cudaStream_t stream);
+                                           const T* codes, const bool* word_mask, int64_t batch,
+                                           int64_t length, int64_t positions, int64_t width,
+                                           float* loss, int64_t* chosen, void* workspace,
+                                           size_t workspace_bytes, cudaStream_t stream);
 
 // grad_codes [batch, positions, width] (codes' type; every element written) of the loss scaled
 // by grad_loss (float32 device scalar):
 //   dL/dc_hat = 4 (P - Q) c_hat grad_loss / (batch length^2), times the mask, back through the
 //   normalisation (dn = (I - n n^T) du / |u|; du / max(|u|, eps) when |u| <= eps) and u = s c,
 //   then summed over the words that chose each position, in word order.
+template <typename T>
 cudaError_t launch_relation_alignment_loss_backward(
-    const float* grad_loss, const float* words_unit, const float* visual_unit, const float* codes,
+    const float* grad_loss, const float* words_unit, const float* visual_unit, const T* codes,
     const bool* word_mask, int64_t batch, int64_t length, int64_t positions, int64_t width,
-    float* grad_codes, void* workspace, size_t workspace_bytes, cudaStream_t stream);
-cudaError_t launch_relation_alignment_loss_backward(
-    const float* grad_loss, const float* words_unit, const float* visual_unit,
-    const __half* codes, const bool* word_mask, int64_t batch, int64_t length, int64_t positions,
-    int64_t width, __half* grad_codes, void* workspace, size_t workspace_bytes,
-    cudaStream_t stream);
-cudaError_t launch_relation_alignment_loss_backward(
-    const float* grad_loss, const float* words_unit, const float* visual_unit,
-    const __nv_bfloat16* codes, const bool* word_mask, int64_t batch, int64_t length,
-    int64_t positions, int64_t width, __nv_bfloat16* grad_codes, void* workspace,
-    size_t workspace_bytes, cudaStream_t stream);
+    T* grad_codes, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lgvq
