@@ -10,6 +10,11 @@ Every measure takes tensors or a small callable and builds no model::
     usage = meter.compute()                            # used_fraction, perplexity, counts
 """
 
+from lgvq.evaluation.attributes import (
+    AttributeFidelity,
+    attribute_fidelity,
+    judge_accuracy_on_real_renders,
+)
 from lgvq.evaluation.metrics import (
     PSNR_CAP_DB,
     CodebookUsageMeter,
@@ -34,14 +39,17 @@ from lgvq.evaluation.words import word_token_mask
 
 __all__ = [
     "PSNR_CAP_DB",
+    "AttributeFidelity",
     "CodebookUsageMeter",
     "CodebookUsageStats",
     "MaskedWordRecall",
     "MaskedWordRecallMeter",
     "MeanStd",
     "RelationMSEMeter",
+    "attribute_fidelity",
     "codebook_usage",
     "format_cell",
+    "judge_accuracy_on_real_renders",
     "masked_word_recall",
     "mean_and_std",
     "psnr",
