@@ -8,11 +8,13 @@ Inputs: captioned-shapes images resized to the model's size and one caption each
 by the frozen MiniLM outside the timing (training reads cached features the same way).
 
 Providers (each times forward + backward + Adam step of everything it trains):
-  vq             the backbone alone: encoder, quantizer, decoder; L1 + VQ loss
+  vq             the backbone alone: encoder, quantizer, decoder; its pixel loss + VQ loss
   lgvq           + the three language losses (visual-token encoder, InfoNCE, masked decoder and
-                 tied MLM head, fused relation loss) on cached text features
-  lgvq-masked    as lgvq with mask_before_encoding: the masked captions are re-encoded by the
-                 frozen text encoder every step (the honest masked-word task)
+                 tied MLM head, fused relation loss) on cached text features, with the
+                 preset's masked-word context (demo: the masked captions' input embeddings,
+                 a head over the data set's vocabulary)
+  lgvq-encoder   as lgvq, but the masked captions are re-encoded by the frozen text encoder
+                 every step (masked_text_features=encoder): what that context costs
   probes         the demo's baseline: the backbone plus the same heads on detached tokens
 """
 
@@ -56,16 +58,14 @@ def _text_encoder():
     return load_text_encoder("minilm", max_length=30)
 
 
-def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
-           mask_before_encoding: bool = False):
+def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool, **changes):
     from lgvq.config import build_config
     from lgvq.data import build_dataset
-    from lgvq.training import build_backbone, build_model, mask_words
+    from lgvq.training import build_backbone, build_model, mask_words, masked_context
 
     preset, overrides = MODELS[shape["model"]]
     config = build_config(preset, {**overrides, "batch_size": shape["B"], "backbone": "vqvae",
-                                   "language_guidance": guidance,
-                                   "mask_before_encoding": mask_before_encoding})
+                                   "language_guidance": guidance, **changes})
     text_encoder = _text_encoder().to(device)
     torch.manual_seed(0)
     backbone = build_backbone(config)
@@ -86,11 +86,8 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
         reconstruction = model.tokenizer.decode(zq_st).float()
         loss, _ = objective.generator_loss(images, reconstruction, vq_loss, 0)
         if heads:
-            masked_text = None
-            if mask_before_encoding:
-                masked_text = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
-                                                      text.special_mask)
-            loss = loss + model.language_losses(zq_st, text, masked, masked_text).total
+            context = masked_context(config, text_encoder, masked_ids.to(device), text)
+            loss = loss + model.language_losses(zq_st, text, masked, context).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,11 +96,19 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool,
     return step
 
 
+# the LG-VQ step against the plain step: at the paper's scale the backbone dominates (<= 1.05x);
+# at the demo's toy scale the heads are as large as the tokenizer (<= 1.5x)
+STEP_RATIO_TARGETS = {"shapes": 1.5, "paper": 1.05}
+
+
 def _targets(rows):
-    return [harness.ratio_target(
-        f"LG-VQ step <= 1.25x the step without language losses ({shape}): lgvq / vq",
-        found, "lgvq", "vq", at_most=1.25)
-        for (shape, _), found in sorted(harness.rows_by_case(rows).items())]
+    targets = []
+    for (shape, _), found in sorted(harness.rows_by_case(rows).items()):
+        bound = STEP_RATIO_TARGETS[shape.split()[0]]
+        targets.append(harness.ratio_target(
+            f"LG-VQ step <= {bound}x the step without language losses ({shape}): lgvq / vq",
+            found, "lgvq", "vq", at_most=bound))
+    return targets
 
 
 FAMILY = harness.register(harness.OpFamily(
@@ -131,9 +136,11 @@ def lgvq_step(shape: dict, device: torch.device, dtype: str):
     return _setup(shape, device, guidance=True, heads=True)
 
 
-@FAMILY.provider("lgvq-masked", "LG-VQ, mask_before_encoding", available=_text_available)
-def lgvq_masked_step(shape: dict, device: torch.device, dtype: str):
-    return _setup(shape, device, guidance=True, heads=True, mask_before_encoding=True)
+@FAMILY.provider("lgvq-encoder", "LG-VQ, masked captions re-encoded every step",
+                 available=_text_available)
+def lgvq_encoder_step(shape: dict, device: torch.device, dtype: str):
+    return _setup(shape, device, guidance=True, heads=True, mask_before_encoding=True,
+                  masked_text_features="encoder")
 
 
 @FAMILY.provider("probes", "backbone + probe heads (demo baseline)", available=_text_available)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import enum
 import io
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ from tqdm import tqdm
 from lgvq.alignment import draw_mask_ratio
 from lgvq.checkpoint import load_checkpoint, save_checkpoint
 from lgvq.config import TrainConfig
+from lgvq.data import ALL_ATTRIBUTE_WORDS, dataset_captions, draw_one_caption_per_image
 from lgvq.data import build_dataset as build_named_dataset
-from lgvq.data import draw_one_caption_per_image
 from lgvq.data_parallel import init_parallel, resolve_device
 from lgvq.evaluation.metrics import psnr
 from lgvq.evaluation.report import save_image_grid
+from lgvq.evaluation.words import word_token_mask
 from lgvq.files import atomic_write
 from lgvq.models import (
     LGVQ,
@@ -36,7 +38,9 @@ from lgvq.models import (
     build_vqgan,
     build_vqvae,
 )
-from lgvq.text import TextFeatureCache, load_text_encoder
+from lgvq.text import CLIPTextEncoder, TextFeatureCache, load_text_encoder
+from lgvq.text.encoder import mask_word_tokens
+from lgvq.text.features import TextFeatures
 
 CHECKPOINT_NAME = "last.safetensors"
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: decorrelates (seed, step) pairs
@@ -55,6 +59,19 @@ def step_generator(seed: int, step: int, stream: RandomStream) -> torch.Generato
     """A torch.Generator that depends only on (seed, step, stream)."""
     value = (seed * _MIX + step * 1_000_003 + int(stream) * 7919) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
+
+
+def learning_rate_factor(config: TrainConfig, step: int) -> float:
+    """The learning rates' multiplier at ``step`` (0-based): 1 for the paper's constant rate;
+    for ``cosine`` a linear warm-up over ``warmup_steps``, then half a cosine down to 0 at
+    ``steps``. A pure function of the step, so a resumed run follows the same schedule."""
+    if config.learning_rate_schedule == "constant":
+        return 1.0
+    if config.learning_rate_schedule != "cosine":
+        raise ValueError("learning_rate_schedule must be constant or cosine, got "
+                         f"{config.learning_rate_schedule!r}")
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
 
 
 def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> torch.Tensor:
@@ -107,12 +124,29 @@ def build_backbone(config: TrainConfig):
                               lpips_weights_path=config.lpips_weights or None,
                               disc_start=config.disc_start, disc_weight=config.disc_weight,
                               disc_layers=config.disc_layers,
-                              disc_channels=config.disc_channels)
+                              disc_channels=config.disc_channels,
+                              pixel_loss=config.pixel_loss)
     return builders[config.backbone](vq_config)
 
 
-def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None = None) -> LGVQ:
-    """LG-VQ (or the baseline) around ``tokenizer`` (default: ``build_backbone(config).model``)."""
+def word_vocabulary(config: TrainConfig, text_encoder, captions: list[str] | None = None):
+    """The token ids the masked-word head scores: with ``word_vocabulary=data`` the sorted
+    distinct real-word ids of the training captions (``captions``, default: the configured
+    training split's), with ``full`` None (the encoder's whole vocabulary)."""
+    if config.word_vocabulary == "full":
+        return None
+    if config.word_vocabulary != "data":
+        raise ValueError(f"word_vocabulary must be data or full, got {config.word_vocabulary!r}")
+    if captions is None:
+        captions = dataset_captions(build_dataset(config, "train"))
+    tokens = text_encoder.tokenize(sorted(set(captions)))
+    return torch.unique(tokens.ids[tokens.word_mask])
+
+
+def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None = None,
+                captions: list[str] | None = None) -> LGVQ:
+    """LG-VQ (or the baseline) around ``tokenizer`` (default: ``build_backbone(config).model``);
+    ``captions``: the training captions, when the caller has them (else they are read again)."""
     tokenizer = build_backbone(config).model if tokenizer is None else tokenizer
     grid = config.image_size // 2 ** (len(config.channel_multipliers) - 1)
     weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma,
@@ -123,7 +157,8 @@ def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None =
                 max_length=text_encoder.max_length,
                 token_embedding=text_encoder.token_embedding, weights=weights,
                 language_guidance=config.language_guidance, backend=config.backend,
-                visual_width=config.visual_width)
+                visual_width=config.visual_width,
+                vocabulary=word_vocabulary(config, text_encoder, captions))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,13 +182,60 @@ def load_batch(dataset, config: TrainConfig, step: int) -> Batch:
     return Batch(images, captions)
 
 
+def maskable_words(config: TrainConfig, text_encoder, text) -> torch.Tensor:
+    """bool ``[B, T]``: the tokens training may mask. ``mask_words=attributes`` keeps the words
+    that name an attribute of captioned shapes (colour, shape, size, count, position,
+    relation); ``all`` every real word."""
+    if config.mask_words == "all":
+        return text.word_mask
+    if config.mask_words != "attributes":
+        raise ValueError(f"mask_words must be all or attributes, got {config.mask_words!r}")
+    if config.dataset != "shapes":
+        raise ValueError("mask_words=attributes needs --dataset=shapes (the attribute words are "
+                         f"those of captioned shapes), got --dataset={config.dataset}")
+    return attribute_word_mask(text_encoder, text)
+
+
+def attribute_word_mask(text_encoder, text) -> torch.Tensor:
+    """bool ``[B, T]``: the tokens of the captioned-shapes attribute words."""
+    tokenizer = text_encoder.tokenizer
+    markers = ({"continuation_prefix": None, "end_of_word_suffix": "</w>"}
+               if isinstance(text_encoder, CLIPTextEncoder) else {})  # CLIP BPE vs WordPiece
+    return word_token_mask(text.ids, text.attention_mask, ALL_ATTRIBUTE_WORDS,
+                           decode_token=lambda i: tokenizer.convert_ids_to_tokens(int(i)),
+                           special_mask=text.special_mask, **markers)
+
+
 def mask_words(text_encoder, text, config: TrainConfig, step: int):
-    """The masked slots of this step: one ratio per batch, each real word masked with it."""
+    """The masked slots of this step: one ratio per batch (``draw_mask_ratio``), each maskable
+    word (``maskable_words``) masked with it. Returns (masked ids, masked) on the CPU."""
     generator = step_generator(config.seed, step, RandomStream.WORD_MASKS)
     ratio = draw_mask_ratio(generator)
-    masked_ids, masked = text_encoder.mask_tokens(text.ids.cpu(), text.attention_mask.cpu(),
-                                                  text.special_mask.cpu(), ratio, generator)
-    return masked_ids, masked
+    text = text.to("cpu")
+    return mask_word_tokens(text.ids, maskable_words(config, text_encoder, text),
+                            text_encoder.mask_token_id, ratio, generator)
+
+
+def masked_context(config: TrainConfig, text_encoder, masked_ids: torch.Tensor,
+                   text: TextFeatures) -> torch.Tensor:
+    """The masked text decoder's context ``[B, T, C]`` for captions whose ``masked_ids`` hide
+    some words (training and evaluation alike):
+
+    - ``mask_before_encoding=false`` (the paper): the unmasked captions' token features (the
+      decoder then overwrites the masked slots; the neighbours have seen the words);
+    - ``masked_text_features=encoder``: a text-encoder forward of the masked captions;
+    - ``masked_text_features=embeddings``: their input embeddings (no forward, no leak).
+    """
+    if not config.mask_before_encoding:
+        return text.token_features
+    masked_ids = masked_ids.to(text.ids.device)
+    if config.masked_text_features == "embeddings":
+        return text_encoder.input_embeddings(masked_ids, text.attention_mask)
+    if config.masked_text_features != "encoder":
+        raise ValueError("masked_text_features must be encoder or embeddings, got "
+                         f"{config.masked_text_features!r}")
+    return text_encoder.encode_ids(masked_ids, text.attention_mask,
+                                   text.special_mask).token_features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,9 +262,9 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
     text_encoder = text_encoder or load_text_encoder(config.text_encoder,
                                                      max_length=config.max_text_length)
     text_encoder.to(device)
-    if config.text_cache and config.dataset == "shapes":
+    captions = dataset_captions(dataset)  # every training caption (no image is loaded)
+    if config.text_cache:
         # the frozen encoder's features of every training caption, computed once and shared
-        captions = [c for i in range(len(dataset)) for c in dataset[i]["captions"]]
         if not parallel.main:
             parallel.barrier()  # rank 0 writes the file, the others read it
         text_cache = TextFeatureCache.build(text_encoder, captions, config.text_cache)
@@ -191,13 +273,17 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
     else:
         text_cache = TextFeatureCache(text_encoder)
     backbone = build_backbone(config)
-    model = build_model(config, text_encoder, tokenizer=backbone.model).to(device)
+    model = build_model(config, text_encoder, tokenizer=backbone.model,
+                        captions=captions).to(device)
+    if config.centre_text_targets:
+        model.set_text_centre(text_cache.encode(sorted(set(captions))).global_features.mean(0))
     objective = backbone.loss.to(device)
     heads = list(model.head_parameters())
     optimizer = torch.optim.Adam(
         [{"params": list(model.tokenizer.parameters())},
          {"params": heads, "lr": config.head_learning_rate or config.learning_rate}],
         lr=config.learning_rate, betas=tuple(config.adam_betas))
+    base_rates = [group["lr"] for group in optimizer.param_groups]
     optimizers = {"model": optimizer}
     modules = {}
     if objective.discriminator is not None:
@@ -234,22 +320,22 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
         images = batch.images[rows].to(device)
         text = text.index_select(torch.arange(config.batch_size)[rows]).to(device)
         masked_ids, masked = masked_ids[rows], masked[rows].to(device)
-        masked_text = None
-        if config.mask_before_encoding:
-            masked_text = text_encoder.encode_ids(masked_ids.to(device), text.attention_mask,
-                                                  text.special_mask)
+        context = masked_context(config, text_encoder, masked_ids.to(device), text)
         with autocast:
             z_e, zq_st, indices, vq_loss, _ = model.tokenizer.encode(images)
             reconstruction = model.tokenizer.decode(zq_st).float()
             backbone_loss, logs = objective.generator_loss(
                 images, reconstruction, vq_loss, step, last_layer=model.tokenizer.last_layer)
-            language = model.language_losses(zq_st, text, masked, masked_text)
+            language = model.language_losses(zq_st, text, masked, context)
             loss = backbone_loss + language.total
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parallel.average_gradients(model.parameters())
+        factor = learning_rate_factor(config, step)
+        for group, rate in zip(optimizer.param_groups, base_rates):
+            group["lr"] = rate * factor
         optimizer.step()
         discriminator_loss = None
         if objective.discriminator_active(step):  # hinge step on real vs detached reconstructions

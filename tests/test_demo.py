@@ -30,3 +30,41 @@ def test_demo_trains_both_models_in_two_workers_and_writes_the_table(tmp_path, c
     capsys.readouterr()
     run_demo([0], tmp_path, dict(TINY), workers=1, threads=1)
     assert capsys.readouterr().out.count("reusing the finished run") == 2
+
+
+def _write_jsonl_folder(folder, count=8):
+    """A tiny captioned image folder: coloured squares on grey, train.jsonl and val.jsonl."""
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        lines = []
+        for index in range(count):
+            name = list(colours)[index % len(colours)]
+            pixels = np.full((24, 24, 3), 200, np.uint8)
+            top, left = rng.integers(0, 12, size=2)
+            pixels[top:top + 10, left:left + 10] = colours[name]
+            path = folder / f"{split}_{index}.png"
+            Image.fromarray(pixels).save(path)
+            lines.append(json.dumps({"image": path.name,
+                                     "captions": [f"a {name} square on grey",
+                                                  f"one {name} block"]}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_demo_runs_on_a_jsonl_folder_and_names_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_jsonl_folder(data)
+    out = tmp_path / "demo"
+    run_demo([0], out, {**TINY, "dataset": "jsonl", "data_root": str(data), "image_size": "16"},
+             workers=1, threads=1)
+    report = (out / "report.md").read_text()
+    assert f"jsonl data set at {data}" in report
+    assert "captioned shapes" not in report
+    scores = json.loads((out / "lgvq_seed0" / "metrics.json").read_text())
+    assert scores["images"] == 8 and scores["config"]["mask_words"] == "all"
+    assert "colour_fidelity" not in scores  # the attribute judge needs captioned shapes

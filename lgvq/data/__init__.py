@@ -6,7 +6,7 @@ Every data set yields {"image": float32 [3, H, W] in [-1, 1], "captions": list[s
 ``draw_one_caption_per_image``.
 """
 
-from lgvq.data.build import DATASET_NAMES, build_dataset
+from lgvq.data.build import DATASET_NAMES, build_dataset, dataset_captions
 from lgvq.data.collate import collate_captioned_images, draw_one_caption_per_image
 from lgvq.data.folders import (
     CaptionedImageFolderDataset,
@@ -39,6 +39,7 @@ from lgvq.data.shapes import (
 )
 
 __all__ = [
+    "dataset_captions",
     "ALL_ATTRIBUTE_WORDS",
     "ATTRIBUTE_WORDS",
     "CAPTION_TEMPLATE_COUNT",

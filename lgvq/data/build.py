@@ -65,3 +65,14 @@ def build_dataset(
         "celeba": CelebAHQCaptionsDataset,
     }
     return classes[name](root, split=split, image_size=image_size, **options)
+
+
+def dataset_captions(dataset: Dataset) -> list[str]:
+    """Every caption of every item of ``dataset``, item by item, without loading images where
+    the data set can say its captions alone (captioned shapes, the folder data sets)."""
+    if isinstance(dataset, ShapesDataset):
+        return [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    entries = getattr(dataset, "entries", None)
+    if entries is not None:
+        return [c for entry in entries for c in entry.captions]
+    return [c for i in range(len(dataset)) for c in dataset[i]["captions"]]

@@ -202,6 +202,7 @@ def masked_word_recall(
     generator: torch.Generator | None = None,
     *,
     mask_token_id: int | None = None,
+    vocabulary: Tensor | None = None,
 ) -> MaskedWordRecall:
     """Masked-word Recall@1 with exactly ``num_masked`` masked words per caption.
 
@@ -236,6 +237,8 @@ def masked_word_recall(
         mask_token_id: the id written into masked slots of ``masked_ids``. None leaves the ids
             unchanged (for a ``predict_fn`` that only uses ``masked``; it must then not read the
             ids at masked slots).
+        vocabulary: int64 ``[V]``, the token id each logit column scores, for a head over part
+            of the vocabulary (``MaskedWordHead.vocabulary``); None: column v scores id v.
 
     Returns:
         :class:`MaskedWordRecall` ``(hits, total, skipped)``; ``.recall`` = hits / total.
@@ -266,10 +269,16 @@ def masked_word_recall(
         raise ValueError(f"predict_fn must return logits [B, T, V] with [B, T] = "
                          f"{tuple(token_ids.shape)}, got {tuple(logits.shape)}")
     targets = token_ids[masked]
-    if int(targets.max()) >= logits.shape[2]:
+    if vocabulary is not None and vocabulary.numel() != logits.shape[2]:
+        raise ValueError(f"vocabulary has {vocabulary.numel()} ids but predict_fn's logits have "
+                         f"{logits.shape[2]} columns")
+    if vocabulary is None and int(targets.max()) >= logits.shape[2]:
         raise ValueError(f"predict_fn's logits cover V={logits.shape[2]} ids but a masked token "
                          f"has id {int(targets.max())}: the vocabularies differ")
-    predictions = logits[masked.to(logits.device)].argmax(-1).to(targets.device)
+    predictions = logits[masked.to(logits.device)].argmax(-1)
+    if vocabulary is not None:
+        predictions = vocabulary.to(predictions.device)[predictions]
+    predictions = predictions.to(targets.device)
     hits = int((predictions == targets).sum())
     return MaskedWordRecall(hits=hits, total=int(targets.numel()), skipped=skipped)
 
@@ -352,14 +361,17 @@ class RelationMSEMeter:
 # Image→text retrieval
 
 def retrieval_accuracy(image_embeddings: Tensor, text_embeddings: Tensor,
-                       k: int | Sequence[int] = (1, 5), *,
+                       k: int | Sequence[int] = (1, 5), *, group_size: int | None = None,
                        chunk_size: int = 1024) -> dict[str, float]:
     """Image→text retrieval top-k accuracy (= Recall@k with one positive per image).
 
-    Image i is scored against all N texts by cosine similarity; its own caption (text i) is the
-    positive. Its rank is the number of other texts j != i with similarity >= that of text i
-    (exact ties count against the positive, so a collapsed embedding, every image alike,
-    scores 0 rather than 1); a hit at k means rank < k.
+    Image i is scored against the texts of its group by cosine similarity; its own caption
+    (text i) is the positive. Its rank is the number of other texts j != i of the group with
+    similarity >= that of text i (exact ties count against the positive, so a collapsed
+    embedding, every image alike, scores 0 rather than 1); a hit at k means rank < k. The
+    group is all N texts (``group_size=None``: N-way retrieval), or the consecutive block of
+    ``group_size`` pairs holding i (e.g. 8: the in-batch condition InfoNCE trains with; a last,
+    shorter block is scored among its own members). Chance is about k / group size.
 
     Rows are processed ``chunk_size`` images at a time, so memory is ``chunk_size × N`` floats
     (N = 10,000: 40 MB per chunk of 1024 rows, instead of 400 MB for the N × N matrix).
@@ -368,6 +380,7 @@ def retrieval_accuracy(image_embeddings: Tensor, text_embeddings: Tensor,
         image_embeddings: float ``[N, G]`` (e_CLS mapped to the global width).
         text_embeddings: float ``[N, G]`` (the caption's global feature, e.g. e_EOT).
         k: one int or several (each >= 1).
+        group_size: texts each image is ranked among (None: all N).
         chunk_size: image rows per similarity block.
 
     Returns:
@@ -386,16 +399,21 @@ def retrieval_accuracy(image_embeddings: Tensor, text_embeddings: Tensor,
         raise ValueError(f"k must be an int >= 1 or a sequence of them, got {k!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
     images = torch.nn.functional.normalize(image_embeddings.detach().float(), dim=-1)
     texts = torch.nn.functional.normalize(
         text_embeddings.detach().to(device=images.device, dtype=torch.float32), dim=-1)
     ranks = torch.empty(count, dtype=torch.int64, device=images.device)
+    columns = torch.arange(count, device=images.device)
     for start in range(0, count, chunk_size):
         stop = min(start + chunk_size, count)
         rows = torch.arange(start, stop, device=images.device)
         similarity = images[start:stop] @ texts.t()  # [rows, N]
         # The positive is read from the same product, so it is compared with itself exactly.
         positive = similarity[rows - start, rows]
-        at_least = (similarity >= positive[:, None]).sum(1)
-        ranks[start:stop] = at_least - 1  # minus the positive itself
+        competing = similarity >= positive[:, None]
+        if group_size is not None:  # only the texts of the row's own group compete
+            competing &= (columns[None, :] // group_size) == (rows[:, None] // group_size)
+        ranks[start:stop] = competing.sum(1) - 1  # minus the positive itself
     return {f"top{value}": float((ranks < value).double().mean()) for value in ks}

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from lgvq.files import atomic_write
@@ -76,6 +76,15 @@ def format_cell(value, float_format: str = "{:.4g}") -> str:
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
+def _table_lines(rows: Sequence[dict], columns: Sequence[str], float_format: str) -> list[str]:
+    lines = ["| " + " | ".join(format_cell(column) for column in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(column), float_format)
+                                       for column in columns) + " |")
+    return lines
+
+
 def write_markdown_report(
     path: str | os.PathLike,
     title: str,
@@ -85,8 +94,9 @@ def write_markdown_report(
     images: Sequence[str | os.PathLike] = (),
     *,
     float_format: str = "{:.4g}",
+    tables: Sequence[tuple[str, Sequence[dict]]] = (),
 ) -> str:
-    """Write a markdown report: a title, one table, notes and images.
+    """Write a markdown report: a title, one table, notes, further tables and images.
 
     Args:
         path: the ``.md`` file (written atomically; parent folders created).
@@ -98,6 +108,7 @@ def write_markdown_report(
         notes: a paragraph, or a list of lines written as bullets, after the table.
         images: PNG paths, embedded as ``![name](path)`` with the path relative to the report.
         float_format: format of float cells and of MeanStd parts.
+        tables: further ``(heading, rows)`` tables after the notes (columns: their rows' keys).
 
     Returns:
         The path written, as a str.
@@ -115,17 +126,17 @@ def write_markdown_report(
         raise ValueError("the table needs at least one column (columns is empty and rows have "
                          "no keys)")
     lines = [f"# {title}", ""]
-    lines.append("| " + " | ".join(format_cell(column) for column in columns) + " |")
-    lines.append("| " + " | ".join("---" for _ in columns) + " |")
-    for row in rows:
-        lines.append("| " + " | ".join(format_cell(row.get(column), float_format)
-                                       for column in columns) + " |")
+    lines.extend(_table_lines(rows, columns, float_format))
     if notes:
         lines.append("")
         if isinstance(notes, str):
             lines.append(notes)
         else:
             lines.extend(f"- {note}" for note in notes)
+    for heading, table_rows in tables:
+        table_columns = list(dict.fromkeys(key for row in table_rows for key in row))
+        lines.extend(["", f"## {heading}", "", *_table_lines(table_rows, table_columns,
+                                                              float_format)])
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     for image in images:
         image = os.fspath(image)
@@ -136,7 +147,8 @@ def write_markdown_report(
 
 
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
-                    padding: int = 2, pad_value: float = 1.0) -> str:
+                    padding: int = 2, pad_value: float = 1.0, scale: int = 1,
+                    row_labels: list[str] | None = None) -> str:
     """Save images in [-1, 1] as one PNG grid (atomically, with Pillow).
 
     Args:
@@ -145,6 +157,9 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
         nrow: images per grid row (the grid has ceil(N / nrow) rows).
         padding: pixels between images and around the grid.
         pad_value: colour of the padding in [-1, 1] (1 = white).
+        scale: each image is enlarged ``scale`` times (nearest neighbour: pixels stay sharp, so
+            a 32x32 reconstruction can be judged by eye).
+        row_labels: one text per grid row, written in a margin on the left.
 
     The grid is ``rows * (H + padding) + padding`` pixels high and
     ``min(N, nrow) * (W + padding) + padding`` wide. Returns the path as a str.
@@ -173,6 +188,22 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, *,
     array = pixels.permute(1, 2, 0).numpy()
     # uint8 [H, W] is read as mode "L", [H, W, 3] as "RGB".
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    if row_labels is not None:
+        if len(row_labels) != grid_rows:
+            raise ValueError(f"row_labels must hold one text per grid row ({grid_rows}), got "
+                             f"{len(row_labels)}")
+        margin = 8 + 7 * max((len(label) for label in row_labels), default=0)
+        labelled = Image.new(image.mode, (image.width + margin, image.height), "white")
+        labelled.paste(image, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for row, label in enumerate(row_labels):
+            middle = (padding + row * (height + padding) + height // 2) * scale
+            draw.text((4, middle - 5), label, fill="black")
+        image = labelled
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return str(atomic_write(path, buffer.getvalue()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from lgvq.alignment import (
@@ -59,12 +60,14 @@ class LGVQ(nn.Module):
       language_guidance: False trains the heads as probes on detached tokens (baseline).
       backend: kernel backend for the relation op.
       visual_width: width of the visual-token encoder (None: code_dim, as in the paper).
+      vocabulary: int64 ``[V']`` token ids the masked-word head scores (None: all V).
     """
 
     def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
                  global_width: int, max_length: int, token_embedding: Tensor,
                  weights: LanguageLossWeights, language_guidance: bool = True,
-                 backend: str = "auto", visual_width: int | None = None):
+                 backend: str = "auto", visual_width: int | None = None,
+                 vocabulary: Tensor | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.weights = weights
@@ -74,8 +77,20 @@ class LGVQ(nn.Module):
         self.cls_to_global = (nn.Identity() if global_width == text_width
                               else nn.Linear(text_width, global_width, bias=False))
         self.text_decoder = MaskedTextDecoder(text_width, max_length)
-        self.word_head = MaskedWordHead(text_width, token_embedding)
+        self.word_head = MaskedWordHead(text_width, token_embedding, vocabulary)
+        # subtracted from the global text features before InfoNCE and retrieval; zero unless
+        # set (centre_text_targets): captions that share most words have nearly parallel
+        # sentence features, which centring spreads apart
+        self.register_buffer("text_centre", torch.zeros(global_width))
         self.relation = RelationAlignmentHead(code_dim, text_width, backend=backend)
+
+    def set_text_centre(self, centre: Tensor) -> None:
+        """Centre of the global text features (e.g. their mean over the training captions)."""
+        self.text_centre.copy_(centre.detach().reshape(self.text_centre.shape))
+
+    def text_targets(self, global_features: Tensor) -> Tensor:
+        """The global text features as InfoNCE and retrieval compare them (centred)."""
+        return global_features - self.text_centre.to(global_features)
 
     def head_parameters(self):
         """Parameters of the language heads (not of the tokenizer)."""
@@ -89,19 +104,21 @@ class LGVQ(nn.Module):
         return tokens if self.language_guidance else tokens.detach()
 
     def language_losses(self, zq_st: Tensor, text: TextFeatures, masked: Tensor,
-                        masked_text: TextFeatures | None = None) -> LanguageLosses:
+                        context: Tensor | None = None) -> LanguageLosses:
         """The three LG-VQ losses for one batch.
 
         zq_st ``[B, D, h, w]``; text: features of one caption per image (unmasked); masked bool
-        ``[B, T]``: the word slots to predict; masked_text: features of the masked captions
-        (``mask_before_encoding``), else the decoder reads ``text`` with masked slots replaced.
+        ``[B, T]``: the word slots to predict; context ``[B, T, C]``: what the masked text
+        decoder reads (``lgvq.training.masked_context``; None: ``text.token_features``, the
+        paper's context, whose masked slots the decoder overwrites).
         """
         tokens = self.tokens(zq_st)
         visual = self.visual_encoder(tokens)
         gsa = global_semantic_alignment_loss(self.cls_to_global(visual[:, 0]),
-                                             text.global_features, self.weights.temperature)
-        decoder_input = (masked_text or text).token_features
-        hidden = self.text_decoder(decoder_input, masked, text.attention_mask, visual)
+                                             self.text_targets(text.global_features),
+                                             self.weights.temperature)
+        context = text.token_features if context is None else context
+        hidden = self.text_decoder(context, masked, text.attention_mask, visual)
         mtp = masked_word_loss(self.word_head, hidden, text.ids, masked,
                                self.weights.label_smoothing)
         ras, _ = self.relation(text.token_features, text.attention_mask, visual[:, 1:], tokens)
@@ -109,14 +126,14 @@ class LGVQ(nn.Module):
         total = w.alpha * gsa + w.beta * mtp + w.gamma * ras
         return LanguageLosses(total, gsa, mtp, ras, visual)
 
-    def predict_masked_words(self, zq_st: Tensor, token_features: Tensor, masked: Tensor,
+    def predict_masked_words(self, zq_st: Tensor, context: Tensor, masked: Tensor,
                              attention_mask: Tensor) -> Tensor:
-        """Logits ``[B, T, V]`` of the masked-word head at the masked slots (evaluation); other
+        """Logits ``[B, T, V']`` of the masked-word head at the masked slots (evaluation), over
+        the head's vocabulary (``word_head.vocabulary`` maps an index to its token id); other
         slots hold zeros (the vocabulary projection runs only where a word is predicted)."""
         visual = self.visual_encoder(zq_st.flatten(2).transpose(1, 2))
-        hidden = self.text_decoder(token_features, masked, attention_mask, visual)
-        vocabulary = self.word_head.bias.shape[0]
-        logits = hidden.new_zeros(*hidden.shape[:2], vocabulary)
+        hidden = self.text_decoder(context, masked, attention_mask, visual)
+        logits = hidden.new_zeros(*hidden.shape[:2], self.word_head.bias.shape[0])
         logits[masked] = self.word_head(hidden[masked])
         return logits
 

@@ -368,6 +368,35 @@ class TextEncoder(nn.Module):
         )
 
     @torch.no_grad()
+    def input_embeddings(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's input layer alone: float32 ``[B, T, C]`` token (+ position) embeddings
+        of ``ids``, zero at padding; no transformer layer runs.
+
+        A masked caption's input embeddings carry nothing of its masked words (each slot sees
+        only its own token), so they are an honest, forward-free context for masked-word
+        prediction with a bidirectional encoder, whose contextual features of the unmasked
+        caption leak the masked words into their neighbours (``masked_text_features``).
+        """
+        ids, attention_mask = self._check_ids(ids, attention_mask)
+        ids = ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        embeddings = self._embed(ids).to(torch.float32)
+        if embeddings.shape[-1] != self.width:
+            raise ValueError(f"{self.name}: input embeddings are {embeddings.shape[-1]} wide but "
+                             f"token features {self.width}; use masked_text_features=encoder")
+        return embeddings * attention_mask[..., None]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input layer of the model: BERT-like models' ``embeddings`` (words, positions, token
+        types, LayerNorm), CLIP's ``text_model.embeddings`` (words, positions), else the word
+        table alone."""
+        for owner in (self.model, getattr(self.model, "text_model", None)):
+            layer = getattr(owner, "embeddings", None)
+            if isinstance(layer, nn.Module):
+                return layer(input_ids=ids)
+        return self.model.get_input_embeddings()(ids)
+
+    @torch.no_grad()
     def encode_ids(
         self,
         ids: torch.Tensor,

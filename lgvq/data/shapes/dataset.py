@@ -114,11 +114,23 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def _check_index(self, index: int) -> int:
         if index < 0:
             index += self.size
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} items")
+        return index
+
+    def captions(self, index: int) -> list[str]:
+        """The captions of item ``index`` without rendering its image (the same list as
+        ``self[index]["captions"]``)."""
+        index = self._check_index(index)
+        generator = item_generator(self.seed, self.split, index)
+        scene = sample_scene(generator, self.min_objects, self.max_objects)
+        return sample_captions(scene, generator, self.captions_per_image)
+
+    def __getitem__(self, index: int) -> dict:
+        index = self._check_index(index)
         item = generate_captioned_scene(
             self.seed,
             self.split,
