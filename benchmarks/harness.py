@@ -243,18 +243,15 @@ def register(family: OpFamily) -> OpFamily:
     return family
 
 
-def lgvq_backend_available(backend: str, op: str | None = None
+def lgvq_backend_available(backend: str, op: str
                            ) -> Callable[[torch.device], tuple[bool, str]]:
-    """A provider's ``available`` for lgvq backend ``backend`` (for ``op``, or any op): the
-    registry's answer, except that the Triton CPU interpreter is never timed."""
+    """A provider's ``available`` for lgvq backend ``backend`` on ``op``: the registry's
+    answer, except that the Triton CPU interpreter is never timed."""
 
     def available(device: torch.device) -> tuple[bool, str]:
         import lgvq_kernels
 
-        if op is None:
-            info = lgvq_kernels.available_backends(device)[backend]
-        else:
-            info = lgvq_kernels._backends.backend_info(backend, device, op)
+        info = lgvq_kernels.available_backends(op, device)[backend]
         if info.available and backend == "triton" and device.type != "cuda":
             return False, "the Triton CPU interpreter is for tests, far too slow to time"
         return info.available, info.reason

@@ -152,11 +152,12 @@ def _streaming_extra(shape: dict, dtype: str) -> int:
 
 for _backend in ("native", "triton"):
     FAMILY.provider(f"lgvq-{_backend}", f"lgvq {_backend}",
-                    available=harness.lgvq_backend_available(_backend),
+                    available=harness.lgvq_backend_available(_backend, "nearest_code"),
                     extra_bytes=_streaming_extra)(_lgvq_factory(_backend))
 
 FAMILY.provider(
-    "lgvq-reference", "lgvq reference", available=harness.lgvq_backend_available("reference"),
+    "lgvq-reference", "lgvq reference",
+    available=harness.lgvq_backend_available("reference", "nearest_code"),
     # float32 scores, the isfinite mask, its masked copy, argmin scratch: ~11 bytes per score
     # (measured 176 MiB at 4096 x 4096), plus upcast/normalised inputs
     extra_bytes=lambda shape, dtype: 11 * _nk(shape) + _normalised_copies(shape),

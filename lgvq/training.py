@@ -19,6 +19,7 @@ from torch import nn
 from lgvq.checkpoint import load_checkpoint, save_checkpoint
 from lgvq.config import TrainConfig
 from lgvq.language_guided import LGVQ, LanguageLossWeights
+from lgvq_kernels import resolve_device
 
 CHECKPOINT_NAME = "last.safetensors"
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: decorrelates (seed, step) pairs
@@ -39,12 +40,6 @@ def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> t
                        for e in range(epoch_first, epoch_last + 1)])
     offset = start - epoch_first * dataset_size
     return order[offset:offset + batch_size]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------
