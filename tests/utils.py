@@ -63,6 +63,10 @@ def skip_unsupported(backend: str, dtype: torch.dtype, device: str = "cpu") -> N
         pytest.skip(f"{backend} on {device} does not take {dtype}")
 
 
+# The exception the compiled ops' own checks raise (direct calls to torch.ops.lgvq_C, past
+# the public ops' validation), by kind of mistake.
+NATIVE_CHECK_ERRORS = {"dtype": ValueError, "value": ValueError}
+
 # ------------------------------------------------------------------------------------------
 # tolerances
 # ------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 import lgvq_kernels
 from lgvq_kernels import reference
 from lgvq_kernels._backends import BackendUnavailableError
-from tests.utils import (FLOAT_DTYPES, GPU_DTYPES, INTERPRET, device_backends, fast_backends,
-                         kernel_device, skip_unsupported, usable_backends)
+from tests.utils import (FLOAT_DTYPES, GPU_DTYPES, INTERPRET, NATIVE_CHECK_ERRORS,
+                         device_backends, fast_backends, kernel_device, skip_unsupported,
+                         usable_backends)
 
 CPU_BACKENDS = usable_backends("nearest_code")
 FAST_CPU_BACKENDS = fast_backends("nearest_code")
@@ -403,7 +404,7 @@ def test_native_op_checks_its_own_inputs():
     # Direct calls into the compiled op (bypassing Python validation) fail cleanly, not crash.
     with pytest.raises(ValueError, match="codebook must be \\[K, D\\]"):
         torch.ops.lgvq_C.nearest_code(torch.randn(3, 4), torch.randn(4), None, False)
-    with pytest.raises(ValueError, match="same dtype"):
+    with pytest.raises(NATIVE_CHECK_ERRORS["dtype"], match="same dtype"):
         torch.ops.lgvq_C.nearest_code(torch.randn(3, 4), torch.randn(2, 4).double(), None, False)
     with pytest.raises(ValueError, match="codebook_sqnorm must be"):
         torch.ops.lgvq_C.nearest_code(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), False)

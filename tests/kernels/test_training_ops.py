@@ -21,9 +21,9 @@ from lgvq_kernels import reference
 from lgvq_kernels._backends import BackendUnavailableError, implementation
 from lgvq_kernels.reference import compute_dtype
 from tests.utils import (FLOAT32_ORACLE_TOLERANCE, FLOAT_DTYPES, GPU_DTYPES, LOSS_TOLERANCE,
-                         LOW_PRECISION_GRAD_TOLERANCE, OUTPUT_TOLERANCE, SCALED_RTOL, assert_close,
-                         assert_within_scale, fast_backends, float64_copies, kernel_device,
-                         skip_unsupported, usable_backends)
+                         LOW_PRECISION_GRAD_TOLERANCE, NATIVE_CHECK_ERRORS, OUTPUT_TOLERANCE,
+                         SCALED_RTOL, assert_close, assert_within_scale, fast_backends,
+                         float64_copies, kernel_device, skip_unsupported, usable_backends)
 
 QUANTIZE_BACKENDS = usable_backends("quantize_straight_through")
 STATS_BACKENDS = usable_backends("codebook_statistics")
@@ -784,43 +784,49 @@ def _ema(stats=None, cluster_size=None, embed_sum=None, codebook=None, replaceme
 # Direct calls into the compiled ops, past the public ops' validation (torch.compile skips the
 # data-dependent index check there): a clean error naming the argument, never a crash.
 NATIVE_BAD_INPUTS = [
-    (lambda: _forward(x=X[0]), "x must be \\[N, D\\]"),
-    (lambda: _forward(codebook=CB[None]), "codebook must be \\[K, D\\]"),
-    (lambda: _forward(codebook=torch.randn(3, 5)), "D must match"),
-    (lambda: _forward(codebook=CB.double()), "same dtype"),
-    (lambda: _forward(x=X.int(), codebook=CB.int()), "x must be float"),
-    (lambda: _forward(indices=IDX.int()), "indices must be int64"),
-    (lambda: _forward(indices=IDX[:5]), "indices must be \\[N\\]"),
-    (lambda: _forward(mask=torch.ones(5, dtype=torch.bool)), "mask must be \\[N\\]"),
-    (lambda: _forward(mask=torch.ones(6)), "mask must be bool"),
-    (lambda: _forward(indices=torch.tensor([0, 1, 2, 3, 1, 0])), "indices\\[3\\] = 3"),
-    (lambda: _forward(indices=torch.tensor([0, -1, 2, 2, 1, 0])), "indices\\[1\\] = -1"),
-    (lambda: _backward(grad_q=torch.randn(6, 5)), "grad_quantized must have x's shape"),
-    (lambda: _backward(g_commit=torch.ones(2)), "grad_commitment must be a scalar"),
-    (lambda: _backward(g_codebook=torch.tensor(1)), "grad_codebook_loss must be a float"),
-    (lambda: _backward(codebook=CB.half()), "same dtype"),
-    (lambda: _backward(indices=torch.tensor([0, 1, 2, 2**40, 1, 0])),
+    (lambda: _forward(x=X[0]), "value", "x must be \\[N, D\\]"),
+    (lambda: _forward(codebook=CB[None]), "value", "codebook must be \\[K, D\\]"),
+    (lambda: _forward(codebook=torch.randn(3, 5)), "value", "D must match"),
+    (lambda: _forward(codebook=CB.double()), "dtype", "same dtype"),
+    (lambda: _forward(x=X.int(), codebook=CB.int()), "dtype", "x must be float"),
+    (lambda: _forward(indices=IDX.int()), "dtype", "indices must be int64"),
+    (lambda: _forward(indices=IDX[:5]), "value", "indices must be \\[N\\]"),
+    (lambda: _forward(mask=torch.ones(5, dtype=torch.bool)), "value", "mask must be \\[N\\]"),
+    (lambda: _forward(mask=torch.ones(6)), "dtype", "mask must be bool"),
+    (lambda: _forward(indices=torch.tensor([0, 1, 2, 3, 1, 0])), "value",
+     "indices\\[3\\] = 3"),
+    (lambda: _forward(indices=torch.tensor([0, -1, 2, 2, 1, 0])), "value",
+     "indices\\[1\\] = -1"),
+    (lambda: _backward(grad_q=torch.randn(6, 5)), "value", "grad_quantized must have x's shape"),
+    (lambda: _backward(g_commit=torch.ones(2)), "value", "grad_commitment must be a scalar"),
+    (lambda: _backward(g_codebook=torch.tensor(1)), "dtype",
+     "grad_codebook_loss must be a float"),
+    (lambda: _backward(codebook=CB.half()), "dtype", "same dtype"),
+    (lambda: _backward(indices=torch.tensor([0, 1, 2, 2**40, 1, 0])), "value",
      "indices\\[3\\] = 1099511627776"),
-    (lambda: _stats(num_codes=-1), "num_codes must be >= 0"),
-    (lambda: _stats(num_codes=2), "indices\\[2\\] = 2"),
-    (lambda: _stats(indices=IDX.float()), "indices must be int64"),
-    (lambda: _stats(x=X.long()), "x must be float"),
-    (lambda: _ema(stats=torch.zeros(3, 4)), "stats must be \\[K, D \\+ 1\\]"),
-    (lambda: _ema(stats=torch.zeros(3, 5, dtype=torch.int32)), "stats must be float32 or float64"),
-    (lambda: _ema(cluster_size=torch.zeros(4)), "cluster_size must be \\[K\\]"),
-    (lambda: _ema(cluster_size=torch.zeros(3, dtype=torch.float16)),
+    (lambda: _stats(num_codes=-1), "value", "num_codes must be >= 0"),
+    (lambda: _stats(num_codes=2), "value", "indices\\[2\\] = 2"),
+    (lambda: _stats(indices=IDX.float()), "dtype", "indices must be int64"),
+    (lambda: _stats(x=X.long()), "dtype", "x must be float"),
+    (lambda: _ema(stats=torch.zeros(3, 4)), "value", "stats must be \\[K, D \\+ 1\\]"),
+    (lambda: _ema(stats=torch.zeros(3, 5, dtype=torch.int32)), "dtype",
+     "stats must be float32 or float64"),
+    (lambda: _ema(cluster_size=torch.zeros(4)), "value", "cluster_size must be \\[K\\]"),
+    (lambda: _ema(cluster_size=torch.zeros(3, dtype=torch.float16)), "dtype",
      "cluster_size must be float32"),
-    (lambda: _ema(embed_sum=torch.zeros(3, 4, dtype=torch.float64)), "embed_sum .* dtype"),
-    (lambda: _ema(embed_sum=torch.zeros(3, 5)), "embed_sum must be \\[K, D\\]"),
-    (lambda: _ema(codebook=torch.zeros(3, 4, 1)), "codebook must be \\[K, D\\]"),
-    (lambda: _ema(replacement=torch.zeros(2, 4)), "replacement must be \\[K, D\\]"),
+    (lambda: _ema(embed_sum=torch.zeros(3, 4, dtype=torch.float64)), "dtype",
+     "embed_sum .* dtype"),
+    (lambda: _ema(embed_sum=torch.zeros(3, 5)), "value", "embed_sum must be \\[K, D\\]"),
+    (lambda: _ema(codebook=torch.zeros(3, 4, 1)), "value", "codebook must be \\[K, D\\]"),
+    (lambda: _ema(replacement=torch.zeros(2, 4)), "value", "replacement must be \\[K, D\\]"),
 ]
 
 
 @native_only
-@pytest.mark.parametrize("call,message", NATIVE_BAD_INPUTS, ids=[m for _, m in NATIVE_BAD_INPUTS])
-def test_native_ops_check_their_own_inputs(call, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("call,kind,message", NATIVE_BAD_INPUTS,
+                         ids=[m for _, _, m in NATIVE_BAD_INPUTS])
+def test_native_ops_check_their_own_inputs(call, kind, message):
+    with pytest.raises(NATIVE_CHECK_ERRORS[kind], match=message):
         call()
 
 
