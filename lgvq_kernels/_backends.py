@@ -105,6 +105,7 @@ def _triton_import_error() -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)  # the extension's kernels do not change once it is loaded
 def _native_info(device_type: str, op: str) -> BackendInfo:
     module, reason = _native_module()
     if module is None:
