@@ -29,7 +29,7 @@ $(VENV)/.deps: requirements.txt
 $(VENV)/.native: $(VENV)/.deps $(NATIVE_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --disable-pip-version-check \
 		--no-build-isolation --no-deps -e .
-	$(PY) -c "import lgvq_kernels as k; print('lgvq backends on cpu:', {n: (i.available or i.reason) for n, i in k.available_backends('cpu').items()})"
+	$(PY) -c "import lgvq_kernels as k; [print(f'lgvq backends for {op} on cpu:', {n: (i.available or i.reason) for n, i in k.available_backends(op, 'cpu').items()}) for op in k.OPS]"
 	touch $@
 
 setup: $(VENV)/.deps

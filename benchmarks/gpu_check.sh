@@ -102,11 +102,15 @@ build() {
   # setup.py only warns on a failed compile: check that the CUDA kernels really are there
   "$PY" - <<'EOF'
 import torch, lgvq_kernels
-info = lgvq_kernels.available_backends("cuda")
-for name, backend in info.items():
-    state = "available" if backend.available else "UNAVAILABLE: " + backend.reason
-    print(f"backend {name}: {state}")
-raise SystemExit(0 if info["native"].available else "the native CUDA backend is unavailable")
+missing = []
+for op in lgvq_kernels.OPS:
+    info = lgvq_kernels.available_backends(op, "cuda")
+    for name, backend in info.items():
+        state = "available" if backend.available else "UNAVAILABLE: " + backend.reason
+        print(f"{op}: backend {name}: {state}")
+    if not info["native"].available:
+        missing.append(op)
+raise SystemExit(f"the native CUDA backend is unavailable for {missing}" if missing else 0)
 EOF
 }
 

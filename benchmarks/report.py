@@ -26,6 +26,7 @@ import torch
 
 from benchmarks import harness
 from lgvq.files import atomic_path, atomic_write
+from lgvq_kernels import resolve_device
 
 DEFAULT_OUT = os.path.join(harness.REPO_ROOT, "benchmarks", "results")
 CSV_NAME = "results.csv"
@@ -263,21 +264,14 @@ def device_slug(device: torch.device) -> str:
     return f"cpu-{slug(harness.cpu_model())}-{os.cpu_count()}c"
 
 
-def resolve_device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(text)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {text}: CUDA is not available in this torch "
-                         f"({torch.__version__})")
-    return device
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"--device: {error}") from None
     families = harness.discover()
     ops = args.ops or list(families)
     for op in ops:

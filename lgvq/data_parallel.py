@@ -10,14 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["Parallel", "init_parallel", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else the CPU; any other name as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["Parallel", "init_parallel"]
 
 
 @dataclass

@@ -25,7 +25,8 @@ from lgvq.checkpoint import load_checkpoint, save_checkpoint
 from lgvq.config import TrainConfig
 from lgvq.data import ALL_ATTRIBUTE_WORDS, dataset_captions, draw_one_caption_per_image
 from lgvq.data import build_dataset as build_named_dataset
-from lgvq.data_parallel import init_parallel, resolve_device
+from lgvq.data_parallel import init_parallel
+from lgvq_kernels import resolve_device
 from lgvq.evaluation.metrics import psnr
 from lgvq.evaluation.report import save_image_grid
 from lgvq.evaluation.words import word_token_mask

@@ -2,15 +2,17 @@
 
 Public ops live in :mod:`lgvq_kernels.functional` and are re-exported here. Each is a
 ``torch.library`` custom op served by one of the backends "reference", "native" or "triton"
-(see :func:`available_backends`).
+(see :func:`available_backends`; the registry lives in ``lgvq_kernels._backends``).
 """
 
 from lgvq_kernels._backends import (
     BACKENDS,
+    OPS,
     BackendInfo,
     BackendUnavailableError,
     available_backends,
     resolve_backend,
+    resolve_device,
 )
 from lgvq_kernels.functional import (
     NearestCode,
@@ -28,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "BackendInfo",
     "BackendUnavailableError",
+    "OPS",
     "NearestCode",
     "Quantized",
     "codebook_ema_update_",
@@ -37,4 +40,5 @@ __all__ = [
     "quantize_straight_through",
     "relation_alignment_loss",
     "resolve_backend",
+    "resolve_device",
 ]

@@ -1,4 +1,5 @@
-"""Backend registry: which backend serves an op on a device, and why the others cannot.
+"""Backend registry: the ops, where each backend implements them, which backend serves an op on
+a device, and why the others cannot.
 
 Backends:
   reference  pure PyTorch (lgvq_kernels.reference); any device, any dtype. The test oracle.
@@ -13,12 +14,15 @@ An explicitly requested backend that is unusable raises ``BackendUnavailableErro
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
+
+from lgvq_kernels import reference
 
 BACKENDS = ("reference", "native", "triton")
 
@@ -26,9 +30,28 @@ BACKENDS = ("reference", "native", "triton")
 # cores for fp16/bf16, the CUDA kernel is the fallback when Triton is missing.
 AUTO_ORDER = {"cpu": ("native", "reference"), "cuda": ("triton", "native", "reference")}
 
+# Floating dtypes the GPU kernels take (the CUDA kernels and every Triton kernel, interpreted
+# or not); the reference and the C++ CPU kernels also take float64.
+GPU_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Every op of torch.ops.lgvq and where each backend implements it: the reference as
+# lgvq_kernels.reference.<op>, the native kernels as torch.ops.lgvq_C.<op>, the Triton launcher
+# as (module in lgvq_kernels/triton/, function) below.
+TRITON_LAUNCHERS = {
+    "nearest_code": ("nearest_code", "nearest_code_forward"),
+    "quantize_straight_through": ("quantize", "quantize_straight_through_forward"),
+    "quantize_straight_through_backward": ("quantize", "quantize_straight_through_backward"),
+    "codebook_statistics": ("codebook_ema", "codebook_statistics_forward"),
+    "codebook_ema_update_": ("codebook_ema", "codebook_ema_update_forward_"),
+    "relation_alignment_loss": ("relation", "relation_alignment_forward"),
+    "relation_alignment_loss_backward": ("relation", "relation_alignment_backward"),
+}
+OPS = tuple(TRITON_LAUNCHERS)
+
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was requested explicitly but cannot serve tensors on this device."""
+    """A backend was requested explicitly but cannot serve the call: its device, its dtypes, a
+    size limit of its kernels, or a missing build."""
 
 
 class BackendInfo(NamedTuple):
@@ -38,6 +61,23 @@ class BackendInfo(NamedTuple):
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when this torch has a usable GPU, else the CPU; any other name as
+    ``torch.device(name)``. A CUDA device without CUDA raises ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r}: CUDA is not available in this torch "
+                         f"({torch.__version__})")
+    return device
+
+
+def _check_op(op: str) -> None:
+    if op not in TRITON_LAUNCHERS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +105,8 @@ def _triton_import_error() -> str:
     return ""
 
 
-def _native_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
+@functools.lru_cache(maxsize=None)  # the extension's kernels do not change once it is loaded
+def _native_info(device_type: str, op: str) -> BackendInfo:
     module, reason = _native_module()
     if module is None:
         return BackendInfo(False, reason)
@@ -85,24 +126,12 @@ def _native_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
     return BackendInfo(True, "")
 
 
-# The Triton module that implements each op (lgvq_kernels/triton/<module>.py).
-TRITON_MODULES = {
-    "nearest_code": "nearest_code",
-    "quantize_straight_through": "quantize",
-    "quantize_straight_through_backward": "quantize",
-    "codebook_statistics": "codebook_ema",
-    "codebook_ema_update_": "codebook_ema",
-    "relation_alignment_loss": "relation",
-    "relation_alignment_loss_backward": "relation",
-}
-
-
-def _triton_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
+def _triton_info(device_type: str, op: str) -> BackendInfo:
     error = _triton_import_error()
     if error:
         return BackendInfo(False, error)
-    module = TRITON_MODULES.get(op)
-    if module is None or importlib.util.find_spec(f"lgvq_kernels.triton.{module}") is None:
+    module = TRITON_LAUNCHERS[op][0]
+    if importlib.util.find_spec(f"lgvq_kernels.triton.{module}") is None:
         return BackendInfo(False, f"no Triton kernel for {op}")
     if device_type == "cuda":
         return BackendInfo(True, "")
@@ -114,28 +143,49 @@ def _triton_info(device_type: str, op: str = "nearest_code") -> BackendInfo:
     return BackendInfo(False, f"Triton does not serve device type {device_type!r}")
 
 
-def backend_info(backend: str, device: torch.device | str, op: str = "nearest_code") -> BackendInfo:
-    """Whether ``backend`` can run ``op`` on ``device`` (and why not)."""
+def _dtype_info(backend: str, device_type: str, dtypes: Iterable[torch.dtype]) -> BackendInfo:
+    if backend == "reference" or (backend == "native" and device_type != "cuda"):
+        return BackendInfo(True, "")
+    refused = sorted({str(dtype).removeprefix("torch.") for dtype in dtypes
+                      if dtype not in GPU_KERNEL_DTYPES})
+    if refused:
+        return BackendInfo(False, f"its kernels take float32, float16 and bfloat16 tensors, not "
+                                  f"{', '.join(refused)} (the reference backend takes every "
+                                  "dtype, the native one float64 on CPU)")
+    return BackendInfo(True, "")
+
+
+def backend_info(backend: str, device: torch.device | str, op: str,
+                 dtypes: Iterable[torch.dtype] = ()) -> BackendInfo:
+    """Whether ``backend`` can run ``op`` on ``device`` with floating inputs of ``dtypes``
+    (and why not)."""
+    _check_op(op)
     device_type = torch.device(device).type
     if backend == "reference":
         return BackendInfo(True, "")
     if backend == "native":
-        return _native_info(device_type, op)
-    if backend == "triton":
-        return _triton_info(device_type, op)
-    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        info = _native_info(device_type, op)
+    elif backend == "triton":
+        info = _triton_info(device_type, op)
+    else:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return info if not info.available else _dtype_info(backend, device_type, dtypes)
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, BackendInfo]:
-    """Every backend with whether it can serve tensors on ``device`` and, if not, why."""
-    return {name: backend_info(name, device) for name in BACKENDS}
+def available_backends(op: str, device: torch.device | str = "cpu") -> dict[str, BackendInfo]:
+    """Every backend with whether it can serve ``op`` on ``device`` and, if not, why."""
+    return {name: backend_info(name, device, op) for name in BACKENDS}
 
 
-def resolve_backend(backend: str, device: torch.device | str, op: str = "nearest_code") -> str:
+def resolve_backend(backend: str, device: torch.device | str, op: str,
+                    dtypes: Iterable[torch.dtype] = ()) -> str:
     """Turn a user's backend choice ("auto" or a name) into a backend that can run ``op`` on
-    ``device``, or raise ``BackendUnavailableError`` saying why."""
+    ``device`` with floating inputs of ``dtypes``, or raise ``BackendUnavailableError`` saying
+    why."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_op(op)
+    dtypes = tuple(dtypes)
     device_type = torch.device(device).type
     if backend == "auto":
         backend = os.environ.get("LGVQ_BACKEND", "auto") or "auto"
@@ -143,11 +193,55 @@ def resolve_backend(backend: str, device: torch.device | str, op: str = "nearest
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if name == "triton" and device_type != "cuda":
                 continue  # never the interpreter
-            if backend_info(name, device_type, op).available:
+            if backend_info(name, device_type, op, dtypes).available:
                 return name
         return "reference"
-    info = backend_info(backend, device_type, op)
+    info = backend_info(backend, device_type, op, dtypes)
     if not info.available:
         raise BackendUnavailableError(
-            f"backend {backend!r} cannot serve {device_type} tensors: {info.reason}")
+            f"backend {backend!r} cannot serve {op} on {device_type} tensors: {info.reason}")
     return backend
+
+
+# --------------------------------------------------------------------------------------------
+# the implementation of an op on a backend: what the torch.ops.lgvq ops forward to
+# --------------------------------------------------------------------------------------------
+
+
+def _native(op: str) -> Callable:
+    def call(*args):
+        _native_module()  # loads the extension (registers torch.ops.lgvq_C) on first use
+        return getattr(torch.ops.lgvq_C, op)(*args)
+
+    call.__name__ = f"native_{op}"
+    return call
+
+
+def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
+    # The compiled op takes a cosine flag and has no tf32 mode: it ignores precision.
+    return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
+
+
+def _triton(op: str) -> Callable:
+    module, function = TRITON_LAUNCHERS[op]
+
+    def call(*args):
+        # imported on first call: importing a Triton module compiles nothing but needs triton
+        return getattr(importlib.import_module(f"lgvq_kernels.triton.{module}"), function)(*args)
+
+    call.__name__ = f"triton_{function}"
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(op: str, backend: str) -> Callable:
+    """The function that runs ``op`` on ``backend``: inputs already validated and laid out by
+    lgvq_kernels.functional, signatures those of lgvq_kernels.reference."""
+    _check_op(op)
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend == "native":
+        return _native_nearest_code if op == "nearest_code" else _native(op)
+    if backend == "triton":
+        return _triton(op)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

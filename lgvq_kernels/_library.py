@@ -1,89 +1,21 @@
 """torch.library registration of lgvq's ops: custom ops, fake (meta) impls, autograd, autocast.
 
 Each op here takes already-validated, laid-out tensors (see lgvq_kernels.functional) and a
-resolved backend name, and forwards to that backend's implementation. The compiled kernels
-live in their own namespace (``torch.ops.lgvq_C``) so that Triton and CUDA can both serve
-CUDA tensors behind the one ``torch.ops.lgvq`` op.
+resolved backend name, and forwards to that backend's implementation (looked up in
+lgvq_kernels._backends). The compiled kernels live in their own namespace
+(``torch.ops.lgvq_C``) so that Triton and CUDA can both serve CUDA tensors behind the one
+``torch.ops.lgvq`` op.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lgvq_kernels import reference
-from lgvq_kernels._backends import _native_module
-
-# --------------------------------------------------------------------------------------------
-# backend implementations of each op, looked up by (op, backend)
-# --------------------------------------------------------------------------------------------
-
-
-def _native(op: str) -> Callable:
-    def call(*args):
-        _native_module()  # loads the extension (registers torch.ops.lgvq_C) on first use
-        return getattr(torch.ops.lgvq_C, op)(*args)
-
-    call.__name__ = f"native_{op}"
-    return call
-
-
-def _triton(module: str, function: str) -> Callable:
-    def call(*args):
-        from importlib import import_module
-
-        return getattr(import_module(f"lgvq_kernels.triton.{module}"), function)(*args)
-
-    call.__name__ = f"triton_{function}"
-    return call
-
-
-def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
-    return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
-
-
-_IMPLS: dict[tuple[str, str], Callable] = {
-    ("nearest_code", "reference"): reference.nearest_code,
-    ("nearest_code", "native"): _native_nearest_code,
-    ("nearest_code", "triton"): _triton("nearest_code", "nearest_code_forward"),
-    ("quantize_straight_through", "reference"): reference.quantize_straight_through,
-    ("quantize_straight_through", "native"): _native("quantize_straight_through"),
-    ("quantize_straight_through", "triton"): _triton("quantize", "quantize_straight_through_forward"),
-    ("quantize_straight_through_backward", "reference"):
-        reference.quantize_straight_through_backward,
-    ("quantize_straight_through_backward", "native"):
-        _native("quantize_straight_through_backward"),
-    ("quantize_straight_through_backward", "triton"):
-        _triton("quantize", "quantize_straight_through_backward"),
-    ("codebook_statistics", "reference"): reference.codebook_statistics,
-    ("codebook_statistics", "native"): _native("codebook_statistics"),
-    ("codebook_statistics", "triton"): _triton("codebook_ema", "codebook_statistics_forward"),
-    ("codebook_ema_update_", "reference"): reference.codebook_ema_update_,
-    ("codebook_ema_update_", "native"): _native("codebook_ema_update_"),
-    ("codebook_ema_update_", "triton"): _triton("codebook_ema", "codebook_ema_update_forward_"),
-    ("relation_alignment_loss", "reference"): reference.relation_alignment_loss,
-    ("relation_alignment_loss", "native"): _native("relation_alignment_loss"),
-    ("relation_alignment_loss", "triton"): _triton("relation", "relation_alignment_forward"),
-    ("relation_alignment_loss_backward", "reference"): reference.relation_alignment_loss_backward,
-    ("relation_alignment_loss_backward", "native"): _native("relation_alignment_loss_backward"),
-    ("relation_alignment_loss_backward", "triton"):
-        _triton("relation", "relation_alignment_backward"),
-}
-
-
-def register_impl(op: str, backend: str, fn: Callable) -> None:
-    """Register (or replace) the implementation of ``op`` on ``backend``."""
-    _IMPLS[(op, backend)] = fn
-
-
-def impl(op: str, backend: str) -> Callable:
-    try:
-        return _IMPLS[(op, backend)]
-    except KeyError:
-        raise NotImplementedError(f"op {op!r} has no {backend!r} implementation") from None
-
+from lgvq_kernels._backends import implementation
 
 # --------------------------------------------------------------------------------------------
 # nearest code
@@ -95,8 +27,8 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor],
                  precision: str, backend: str) -> tuple[Tensor, Tensor]:
     """x [N, D] contiguous, codebook [K, D] contiguous, same dtype → (indices [N] int64,
     distances [N] float32, or float64 for float64 inputs)."""
-    indices, distances = impl("nearest_code", backend)(x, codebook, codebook_sqnorm, metric,
-                                                       precision)
+    indices, distances = implementation("nearest_code", backend)(x, codebook, codebook_sqnorm,
+                                                                 metric, precision)
     return indices, distances
 
 
@@ -159,8 +91,8 @@ def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor,
     x.dtype, commitment_loss 0-d, codebook_loss 0-d). Both losses hold the same value (mean
     squared error over valid rows); the commitment loss sends its gradient to x, the codebook
     loss to the codebook, and quantized passes its gradient straight through to x."""
-    quantized, squared_error = impl("quantize_straight_through", backend)(x, codebook, indices,
-                                                                          mask)
+    quantized, squared_error = implementation("quantize_straight_through", backend)(
+        x, codebook, indices, mask)
     return quantized, squared_error, squared_error.clone()
 
 
@@ -176,7 +108,7 @@ def quantize_straight_through_backward(grad_quantized: Optional[Tensor], grad_co
                                        grad_codebook_loss: Tensor, x: Tensor, codebook: Tensor,
                                        indices: Tensor, mask: Optional[Tensor], backend: str
                                        ) -> tuple[Tensor, Tensor]:
-    return impl("quantize_straight_through_backward", backend)(
+    return implementation("quantize_straight_through_backward", backend)(
         grad_quantized, grad_commitment, grad_codebook_loss, x, codebook, indices, mask)
 
 
@@ -215,7 +147,7 @@ quantize_straight_through.register_autograd(_quantize_backward,
 def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int, mask: Optional[Tensor],
                         backend: str) -> Tensor:
     """x [N, D], indices [N] int64 → packed stats [num_codes, D + 1]: sums, then counts."""
-    return impl("codebook_statistics", backend)(x, indices, num_codes, mask)
+    return implementation("codebook_statistics", backend)(x, indices, num_codes, mask)
 
 
 @codebook_statistics.register_fake
@@ -229,8 +161,8 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
                          decay: float, eps: float, dead_threshold: float,
                          replacement: Optional[Tensor], backend: str) -> Tensor:
     """In-place EMA update (see reference.codebook_ema_update_); returns the dead mask [K]."""
-    return impl("codebook_ema_update_", backend)(stats, cluster_size, embed_sum, codebook, decay,
-                                                 eps, dead_threshold, replacement)
+    return implementation("codebook_ema_update_", backend)(
+        stats, cluster_size, embed_sum, codebook, decay, eps, dead_threshold, replacement)
 
 
 @codebook_ema_update_.register_fake
@@ -254,7 +186,8 @@ def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor, word_m
                             backend: str) -> tuple[Tensor, Tensor]:
     """words [B, L, C], visual [B, M, C], codes [B, M, C], word_mask [B, L] bool →
     (loss 0-d, chosen [B, L] int64). See reference.relation_alignment_loss."""
-    loss, chosen = impl("relation_alignment_loss", backend)(words, visual, codes, word_mask)
+    loss, chosen = implementation("relation_alignment_loss", backend)(words, visual, codes,
+                                                                      word_mask)
     return loss, chosen
 
 
@@ -267,8 +200,8 @@ def _(words, visual, codes, word_mask, backend):
 @torch.library.custom_op("lgvq::relation_alignment_loss_backward", mutates_args=())
 def relation_alignment_loss_backward(grad_loss: Tensor, words: Tensor, visual: Tensor,
                                      codes: Tensor, word_mask: Tensor, backend: str) -> Tensor:
-    return impl("relation_alignment_loss_backward", backend)(grad_loss, words, visual, codes,
-                                                             word_mask)
+    return implementation("relation_alignment_loss_backward", backend)(
+        grad_loss, words, visual, codes, word_mask)
 
 
 @relation_alignment_loss_backward.register_fake

@@ -1,6 +1,10 @@
 """Public ops of lgvq_kernels. Every argument's shape and dtype is given here; the functions
-validate their inputs (errors name the argument), lay them out once, resolve the backend and
-call the registered ``torch.ops.lgvq`` op. Modules call these and never a kernel directly.
+validate their inputs before any kernel runs, so that a mistake raises the same exception on
+every backend and device (errors name the argument): a wrong Python type or tensor dtype
+raises ``TypeError``; a wrong shape, value, out-of-range index (checked on CPU tensors) or a
+device mismatch raises ``ValueError``; a valid call that the chosen backend cannot serve
+raises ``BackendUnavailableError``. They lay the inputs out once, resolve the backend and call
+the registered ``torch.ops.lgvq`` op. Modules call these and never a kernel directly.
 """
 
 from __future__ import annotations
@@ -61,17 +65,25 @@ def check_all_finite(name: str, value: Tensor) -> None:
 
 
 def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {tuple(choices)}; got "
+                        f"{type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_real(name: str, value) -> None:
+    # (torch.compile may hand a float or int argument over as a symbolic number)
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt,
+                                                         torch.SymFloat)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
 @torch.compiler.assume_constant_result
-def _resolve_op(backend: str, device: torch.device, op: str) -> str:
-    return resolve_backend(backend, device, op)
-
-
-def _resolve(backend: str, device: torch.device) -> str:
-    return _resolve_op(backend, device, "nearest_code")
+def _resolve(backend: str, device: torch.device, op: str, *dtypes: torch.dtype) -> str:
+    """The backend that serves ``op`` on ``device`` for floating inputs of ``dtypes``: a
+    constant to torch.compile (the choice depends on nothing a graph computes)."""
+    return resolve_backend(backend, device, op, dtypes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +101,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
       codebook: ``[K, D]`` floating, K >= 1, on x's device. A dtype different from x's is
         promoted with x's to their common dtype.
       metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity; rows
-        are normalised in float32 (float64 for float64) first; a zero row has similarity 0 with every code).
+        are normalised in float32 (float64 for float64) first; a zero row has similarity 0
+        with every code).
       codebook_sqnorm: optional ``[K]`` precomputed ``(codebook ** 2).sum(-1)`` (l2 only).
       precision: ``"ieee"`` exact float32 products (default) or ``"tf32"`` (CUDA only; faster,
         ~1e-3 relative error in the cross term).
@@ -105,6 +118,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     """
     check_tensor("x", x, min_dims=1)
     check_tensor("codebook", codebook, dims=2)
+    if codebook_sqnorm is not None:
+        check_tensor("codebook_sqnorm", codebook_sqnorm, dims=1)
     check_same_device(x=x, codebook=codebook, codebook_sqnorm=codebook_sqnorm)
     check_choice("metric", metric, METRICS)
     check_choice("precision", precision, PRECISIONS)
@@ -118,17 +133,15 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     if codebook_sqnorm is not None:
         if metric != "l2":
             raise ValueError("codebook_sqnorm applies to metric='l2' only")
-        check_tensor("codebook_sqnorm", codebook_sqnorm, dims=1)
         if codebook_sqnorm.shape[0] != num_codes:
             raise ValueError(f"codebook_sqnorm must have shape [{num_codes}], got "
                              f"{tuple(codebook_sqnorm.shape)}")
     if check_finite:
         check_all_finite("x", x)
         check_all_finite("codebook", codebook)
-    resolved = _resolve(backend, x.device)
-
     lead_shape = x.shape[:-1]
     dtype = torch.promote_types(x.dtype, codebook.dtype)
+    resolved = _resolve(backend, x.device, "nearest_code", dtype)
     flat = x.reshape(-1, dim).to(dtype).contiguous()
     codes = codebook.to(dtype).contiguous()
     if metric == "cosine":  # unit rows in float32 (at least): rounding them back to fp16/bf16
@@ -211,8 +224,8 @@ def quantize_straight_through(x: Tensor, codebook: Tensor, indices: Tensor, *,
     _check_indices("indices", indices, x.shape[:-1], x.device)
     _check_index_range("indices", indices, codebook.shape[0])
     _check_mask(mask, x.shape[:-1], x.device)
-    resolved = _resolve_op(backend, x.device, "quantize_straight_through")
     dtype = torch.promote_types(x.dtype, codebook.dtype)
+    resolved = _resolve(backend, x.device, "quantize_straight_through", dtype)
     dim = codebook.shape[1]
     flat = x.reshape(-1, dim).to(dtype).contiguous()
     quantized, commitment, codebook_loss = torch.ops.lgvq.quantize_straight_through(
@@ -235,12 +248,14 @@ def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int, *,
     ``[:, :D]`` sums, ``[:, D]`` counts. Deterministic (no atomics): same bits every run.
     """
     check_tensor("x", x, min_dims=1)
-    if not isinstance(num_codes, int) or num_codes < 1:
+    if isinstance(num_codes, bool) or not isinstance(num_codes, (int, torch.SymInt)):
+        raise TypeError(f"num_codes must be an int, got {type(num_codes).__name__}")
+    if num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
     _check_indices("indices", indices, x.shape[:-1], x.device)
     _check_index_range("indices", indices, num_codes)
     _check_mask(mask, x.shape[:-1], x.device)
-    resolved = _resolve_op(backend, x.device, "codebook_statistics")
+    resolved = _resolve(backend, x.device, "codebook_statistics", x.dtype)
     dim = x.shape[-1]
     return torch.ops.lgvq.codebook_statistics(
         x.reshape(-1, dim).contiguous(), indices.reshape(-1).contiguous(), num_codes,
@@ -263,6 +278,10 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
     check_tensor("cluster_size", cluster_size, dims=1, dtypes=(torch.float32, torch.float64))
     check_tensor("embed_sum", embed_sum, dims=2, dtypes=(cluster_size.dtype,))
     check_tensor("codebook", codebook, dims=2)
+    if replacement is not None:
+        check_tensor("replacement", replacement, dims=2)
+    for name, value in (("decay", decay), ("eps", eps), ("dead_threshold", dead_threshold)):
+        check_real(name, value)
     check_same_device(codebook=codebook, stats=stats, cluster_size=cluster_size,
                       embed_sum=embed_sum, replacement=replacement)
     num_codes, dim = codebook.shape
@@ -276,7 +295,6 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if replacement is not None:
-        check_tensor("replacement", replacement, dims=2)
         if tuple(replacement.shape) != (num_codes, dim):
             raise ValueError(f"replacement must have shape {(num_codes, dim)}, got "
                              f"{tuple(replacement.shape)}")
@@ -285,7 +303,9 @@ def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
                          ("codebook", codebook)):
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is updated in place)")
-    resolved = _resolve_op(backend, codebook.device, "codebook_ema_update_")
+    resolved = _resolve(backend, codebook.device, "codebook_ema_update_", stats.dtype,
+                        cluster_size.dtype, codebook.dtype,
+                        *(() if replacement is None else (replacement.dtype,)))
     return torch.ops.lgvq.codebook_ema_update_(stats.contiguous(), cluster_size, embed_sum,
                                                codebook, float(decay), float(eps),
                                                float(dead_threshold), replacement, resolved)
@@ -335,7 +355,8 @@ def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor, word_m
                          f"{tuple(word_mask.shape)}")
     if visual.shape[1] == 0:
         raise ValueError("visual must hold at least one position (M >= 1)")
-    resolved = _resolve_op(backend, codes.device, "relation_alignment_loss")
+    resolved = _resolve(backend, codes.device, "relation_alignment_loss", words.dtype,
+                        visual.dtype, codes.dtype)
     loss, chosen = torch.ops.lgvq.relation_alignment_loss(
         words.contiguous(), visual.contiguous(), codes.contiguous(), word_mask.contiguous(),
         resolved)

@@ -236,7 +236,7 @@ def _relation_parts(words: Tensor, visual: Tensor, codes: Tensor, word_mask: Ten
 
 def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor,
                             word_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """LG-VQ relation loss (LGVQ_METHOD.md, Relationship Alignment Module).
+    """LG-VQ relation loss (docs/method.md, relationship alignment).
 
     words [B, L, C] text-token features T, visual [B, M, C] visual tokens Zvt[1:], codes
     [B, M, C] projected codes g(zq_st), word_mask [B, L] bool (real tokens).

@@ -171,9 +171,9 @@ def lgvq_backend_available(backend: str, op: str) -> Availability:
 
     def available(device: torch.device) -> tuple[bool, str]:
         # imported here: a broken lgvq_kernels makes its providers unavailable, not the harness
-        from lgvq_kernels import _backends
+        import lgvq_kernels
 
-        info = _backends.backend_info(backend, device, op)
+        info = lgvq_kernels.available_backends(op, device)[backend]
         if info.available and backend == "triton" and device.type != "cuda":
             return False, "the Triton CPU interpreter is for tests, far too slow to time"
         return info.available, info.reason

@@ -14,7 +14,7 @@ import torch
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import TrainConfig
 from lgvq.data import ALL_ATTRIBUTE_WORDS, ATTRIBUTE_WORDS, collate_captioned_images
-from lgvq.data_parallel import resolve_device
+from lgvq_kernels import resolve_device
 from lgvq.evaluation.attributes import attribute_fidelity
 from lgvq.evaluation.metrics import (
     CodebookUsageMeter,

@@ -7,17 +7,13 @@ codebook_ema_update_.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from lgvq_kernels.triton.quantize import (check_inputs, device_guard, round_to_bfloat16,
-                                          segment_block_rows, sort_by_code)
-
-# Read once, like triton.jit does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, contiguous_rows,
+                                         device_guard, round_to_bfloat16, segment_block_rows,
+                                         sort_by_code)
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -140,17 +136,14 @@ def _codebook_update_kernel(stats_ptr, cluster_size_ptr, dead_ptr, total_ptr, em
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _block_d(dim: int) -> int:
-    return min(triton.next_power_of_2(dim), 64 if _INTERPRET else 128)
+    return min(triton.next_power_of_2(dim), 64 if INTERPRET else 128)
 
 
 def _update_block_k(block_d: int) -> int:
     # The interpreter costs ~0.5 ms per tl op per program: few, large programs there.
     # On a GPU, tiles of about 4096 elements (not yet timed).
-    return 64 if _INTERPRET else max(1, 4096 // block_d)
+    return 64 if INTERPRET else max(1, 4096 // block_d)
 
 
 def codebook_statistics_forward(x: torch.Tensor, indices: torch.Tensor, num_codes: int,
@@ -158,7 +151,8 @@ def codebook_statistics_forward(x: torch.Tensor, indices: torch.Tensor, num_code
     """x [N, D] float32/float16/bfloat16 (any strides), indices [N] int64 in [0, num_codes),
     mask [N] bool or None → stats [num_codes, D + 1] float32: stats[:, :D] the sums of the
     (valid) rows of each code, stats[:, D] their counts. Deterministic segment sums."""
-    indices, mask = check_inputs(x, indices, mask)
+    check_can_serve(x=x)
+    indices, mask = contiguous_rows(indices, mask)
     num_rows, dim = x.shape
     stats = torch.zeros(num_codes, dim + 1, dtype=torch.float32, device=x.device)
     if num_rows == 0 or num_codes == 0:
@@ -182,33 +176,9 @@ def codebook_ema_update_forward_(stats: torch.Tensor, cluster_size: torch.Tensor
     float32/float16/bfloat16 (overwritten), replacement [K, D] (float32/float16/bfloat16) or
     None; any strides → dead-code mask [K] bool (all False without replacement or with
     dead_threshold <= 0)."""
-    for name, tensor, allowed in (("stats", stats, _SUPPORTED_DTYPES),
-                                  ("cluster_size", cluster_size, (torch.float32,)),
-                                  ("embed_sum", embed_sum, (torch.float32,)),
-                                  ("codebook", codebook, _SUPPORTED_DTYPES),
-                                  ("replacement", replacement, _SUPPORTED_DTYPES)):
-        if tensor is not None and tensor.dtype not in allowed:
-            names = "/".join(str(dtype).removeprefix("torch.") for dtype in allowed)
-            raise TypeError(f"{name} has dtype {tensor.dtype}; the triton backend supports "
-                            f"{names} (use the reference or native backend)")
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must be [K, D], got shape {tuple(codebook.shape)}")
+    check_can_serve(codebook=codebook, stats=stats, cluster_size=cluster_size,
+                    embed_sum=embed_sum, replacement=replacement)
     num_codes, dim = codebook.shape
-    for name, tensor, shape in (("stats", stats, (num_codes, dim + 1)),
-                                ("cluster_size", cluster_size, (num_codes,)),
-                                ("embed_sum", embed_sum, (num_codes, dim)),
-                                ("replacement", replacement, (num_codes, dim))):
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)} for a codebook "
-                             f"{list(codebook.shape)}, got {list(tensor.shape)}")
-        if tensor.device != codebook.device:
-            raise ValueError(f"{name} is on {tensor.device} but codebook is on "
-                             f"{codebook.device}")
-    if codebook.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"codebook is on {codebook.device}; the triton backend needs CUDA "
-                         "tensors (CPU tensors only under TRITON_INTERPRET=1)")
     dead = torch.zeros(num_codes, dtype=torch.bool, device=codebook.device)
     if num_codes == 0:
         return dead
@@ -231,5 +201,5 @@ def codebook_ema_update_forward_(stats: torch.Tensor, cluster_size: torch.Tensor
                 replacement.stride(0), replacement.stride(1), decay, 1.0 - decay, eps,
                 num_codes * eps, D=dim, BLOCK_K=block_k, BLOCK_D=block_d,
                 CHECK_DEAD=check_dead,
-                ROUND_TO_BF16=_INTERPRET and codebook.dtype == torch.bfloat16)
+                ROUND_TO_BF16=INTERPRET and codebook.dtype == torch.bfloat16)
     return dead

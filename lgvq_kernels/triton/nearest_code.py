@@ -6,14 +6,14 @@ distance matrix never exists. Semantics are those of lgvq_kernels.reference.near
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-# Read once, like triton.jit does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, check_same_dtype,
+                                         device_guard)
+
 # LGVQ_TRITON_AUTOTUNE=0: one heuristic config per shape instead of benchmarking up to 8 per
 # new (K, D, N bucket, dtype) on GPU (each costs a compile: tests, quick runs).
 _AUTOTUNE = os.environ.get("LGVQ_TRITON_AUTOTUNE", "1") != "0"
@@ -164,7 +164,7 @@ def _prune_gpu_configs(configs, named_args, **kwargs):
 # _interpreter_blocks instead). Keyed on K, D, a power-of-2 bucket of N and the dtypes
 # (the autotuner appends tensor dtypes to the key). Configs checked with ptxas -v for sm_90:
 # no spills for fp16/bf16/tf32 (up to 128-wide kept x); not yet timed on a GPU.
-_nearest_code_kernel_autotuned = None if _INTERPRET else triton.autotune(
+_nearest_code_kernel_autotuned = None if INTERPRET else triton.autotune(
     configs=[
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
@@ -179,14 +179,11 @@ _nearest_code_kernel_autotuned = None if _INTERPRET else triton.autotune(
 # launcher
 # --------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _block_d(dim: int, fma_dot: bool) -> int:
     """D chunk: the whole padded D when it is small enough to keep the x tile in registers
     across the codebook loop, else a chunk size. tl.dot needs every block dim >= 16."""
     padded = max(16, triton.next_power_of_2(dim))
-    if _INTERPRET:
+    if INTERPRET:
         return min(padded, 64)  # the interpreter's x.c is a BLOCK_N x BLOCK_D x BLOCK_K product
     # ptxas -v for sm_90 (Triton 3.9): fp16/bf16 and tf32 tiles of up to 128 x 128 codes keep a
     # 128-wide x tile without spilling; fp32 "ieee" (FMA, no tensor cores) spills above 32.
@@ -216,34 +213,11 @@ def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
     """x [N, D], codebook [K, D] (same dtype: float32/float16/bfloat16, unit inner stride not
     required), codebook_sqnorm [K] or None (computed; l2 only) → (indices int64 [N],
     distances float32 [N]). metric "l2" | "cosine"; precision "ieee" | "tf32" (fp32 inputs)."""
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the triton backend supports "
-                        "float32/float16/bfloat16 (use the reference or native backend)")
-    if codebook.dtype != x.dtype:
-        raise TypeError(f"codebook has dtype {codebook.dtype} but x has {x.dtype}; "
-                        "they must match")
-    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"x must be [N, D] and codebook [K, D], got x {tuple(x.shape)} and "
-                         f"codebook {tuple(codebook.shape)}")
+    check_same_dtype(x, codebook)
+    check_can_serve(x=x, codebook=codebook)
     num_rows, dim = x.shape
     num_codes = codebook.shape[0]
-    if num_codes == 0 or dim == 0:
-        raise ValueError(f"codebook must be [K, D] with K >= 1 and D >= 1, got "
-                         f"{tuple(codebook.shape)}")
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    if codebook.device != x.device:
-        raise ValueError(f"codebook is on {codebook.device} but x is on {x.device}")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"x is on {x.device}; the triton backend needs CUDA tensors "
-                         "(CPU tensors only under TRITON_INTERPRET=1)")
     is_cosine = metric == "cosine"
-    if codebook_sqnorm is not None and not is_cosine:
-        if codebook_sqnorm.shape != (num_codes,) or codebook_sqnorm.device != x.device:
-            raise ValueError(f"codebook_sqnorm must be [{num_codes}] on {x.device}, got "
-                             f"{tuple(codebook_sqnorm.shape)} on {codebook_sqnorm.device}")
 
     indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
     distances = torch.empty(num_rows, dtype=torch.float32, device=x.device)
@@ -253,15 +227,14 @@ def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
     # fp16/bf16 products are exact in the fp32 accumulator; precision only matters for fp32.
     input_precision = precision if x.dtype == torch.float32 else "ieee"
     block_d = _block_d(dim, fma_dot=x.dtype == torch.float32 and precision == "ieee")
-    device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext()
-    with device_guard:
+    with device_guard(x):
         if is_cosine:
             sqnorm = distances  # placeholder pointer, never read
         elif codebook_sqnorm is not None:
             sqnorm = codebook_sqnorm.to(torch.float32).contiguous()
         else:
             sqnorm = torch.empty(num_codes, dtype=torch.float32, device=x.device)
-            block_k = 256 if _INTERPRET else 64
+            block_k = 256 if INTERPRET else 64
             _codebook_sqnorm_kernel[(triton.cdiv(num_codes, block_k),)](
                 codebook, sqnorm, num_codes, codebook.stride(0), codebook.stride(1),
                 D=dim, BLOCK_K=block_k, BLOCK_D=block_d)
@@ -270,8 +243,8 @@ def nearest_code_forward(x: torch.Tensor, codebook: torch.Tensor,
                 x.stride(1), codebook.stride(0), codebook.stride(1),
                 triton.next_power_of_2(num_rows))
         meta = dict(D=dim, BLOCK_D=block_d, IS_COSINE=is_cosine,
-                    INPUT_PRECISION=input_precision, INTERPRETING=_INTERPRET)
-        if _INTERPRET:
+                    INPUT_PRECISION=input_precision, INTERPRETING=INTERPRET)
+        if INTERPRET:
             block_n, block_k = _interpreter_blocks(num_rows, num_codes)
             grid = (triton.cdiv(num_rows, block_n),)
             _nearest_code_kernel[grid](*args, BLOCK_N=block_n, BLOCK_K=block_k, **meta)

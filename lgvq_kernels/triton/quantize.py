@@ -7,28 +7,17 @@ Semantics are those of lgvq_kernels.reference.quantize_straight_through(_backwar
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Read once, like triton.jit does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, check_same_dtype,
+                                         contiguous_rows, device_guard, round_to_bfloat16,
+                                         segment_block_rows, sort_by_code)
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def round_to_bfloat16(value):
-    """fp32 → the nearest bfloat16 value (ties to even), still as fp32, so that the cast of a
-    store is exact. Interpreter only: its fp32 → bf16 cast truncates (a GPU rounds to nearest).
-    NaN passes unchanged (the carry could wrap a NaN's bits)."""
-    bits = value.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(value != value, value, rounded.to(tl.float32, bitcast=True))
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -129,75 +118,18 @@ def _quantize_backward_kernel(grad_quantized_ptr, x_ptr, codebook_ptr, mask_ptr,
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _block_d(dim: int) -> int:
     # Row tiles are BLOCK_N (or BLOCK_R) x BLOCK_D; wider D is looped (forward) or split over
     # programs (backward). Not yet timed on a GPU.
-    return min(triton.next_power_of_2(dim), 64 if _INTERPRET else 128)
+    return min(triton.next_power_of_2(dim), 64 if INTERPRET else 128)
 
 
 def _forward_block_n(num_rows: int) -> int:
     # The interpreter costs ~0.5 ms per tl op per program: few, large programs there.
-    if _INTERPRET:
+    if INTERPRET:
         return min(128, max(16, triton.next_power_of_2(num_rows)))
     return 32
-
-
-def segment_block_rows(num_rows: int, num_codes: int) -> int:
-    """Rows per tile of a code's segment: about the mean segment length, within [16, 64]."""
-    mean = triton.cdiv(num_rows, max(num_codes, 1))
-    return min(64, max(16, triton.next_power_of_2(mean)))
-
-
-def sort_by_code(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """indices [N] int64 → (order [N] int64: row numbers sorted by code, ascending within a
-    code; offsets [K + 1] int64: code k owns order[offsets[k] : offsets[k + 1]]).
-
-    Both stay on the device: searchsorted over the sorted codes, unlike bincount, needs no
-    host sync to size its output. Indices outside [0, K) fall outside every segment."""
-    sorted_codes, order = torch.sort(indices, stable=True)
-    boundaries = torch.arange(num_codes + 1, dtype=sorted_codes.dtype, device=indices.device)
-    return order, torch.searchsorted(sorted_codes, boundaries)
-
-
-def check_inputs(x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shared checks of the row inputs: x [N, D] float32/float16/bfloat16, indices [N] int64,
-    mask [N] bool or None, all on one device that Triton can run on. Returns indices and mask
-    contiguous (the kernels index them by row number)."""
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the triton backend supports "
-                        "float32/float16/bfloat16 (use the reference or native backend)")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"x is on {x.device}; the triton backend needs CUDA tensors "
-                         "(CPU tensors only under TRITON_INTERPRET=1)")
-    if indices.dtype != torch.int64 or indices.shape != (x.shape[0],):
-        raise ValueError(f"indices must be int64 [{x.shape[0]}], got {indices.dtype} "
-                         f"{tuple(indices.shape)}")
-    if indices.device != x.device:
-        raise ValueError(f"indices is on {indices.device} but x is on {x.device}")
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (x.shape[0],)
-                             or mask.device != x.device):
-        raise ValueError(f"mask must be bool [{x.shape[0]}] on {x.device}, got {mask.dtype} "
-                         f"{tuple(mask.shape)} on {mask.device}")
-    return indices.contiguous(), None if mask is None else mask.contiguous()
-
-
-def _check_codebook(x: torch.Tensor, codebook: torch.Tensor) -> None:
-    if codebook.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"codebook has dtype {codebook.dtype}; the triton backend supports "
-                        "float32/float16/bfloat16 (use the reference or native backend)")
-    if codebook.dtype != x.dtype:
-        raise TypeError(f"codebook has dtype {codebook.dtype} but x has {x.dtype}; "
-                        "they must match")
-    if codebook.dim() != 2 or codebook.shape[1] != x.shape[1]:
-        raise ValueError(f"codebook must be [K, {x.shape[1]}], got {tuple(codebook.shape)}")
-    if codebook.device != x.device:
-        raise ValueError(f"codebook is on {codebook.device} but x is on {x.device}")
 
 
 def _in_range(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -220,8 +152,9 @@ def quantize_straight_through_forward(x: torch.Tensor, codebook: torch.Tensor,
     """x [N, D], codebook [K, D] (same dtype: float32/float16/bfloat16; any strides),
     indices [N] int64 in [0, K), mask [N] bool or None → (quantized [N, D] x.dtype,
     squared_error float32 scalar: masked mean of (x - codebook[indices])^2)."""
-    indices, mask = check_inputs(x, indices, mask)
-    _check_codebook(x, codebook)
+    check_same_dtype(x, codebook)
+    check_can_serve(x=x, codebook=codebook)
+    indices, mask = contiguous_rows(indices, mask)
     num_rows, dim = x.shape
     quantized = torch.empty(num_rows, dim, dtype=x.dtype, device=x.device)
     denominator = _valid_elements(x, mask, indices, codebook.shape[0])
@@ -250,17 +183,11 @@ def quantize_straight_through_backward(grad_quantized: torch.Tensor | None,
     grad_codebook_loss 0-d float tensors, x/codebook/indices/mask as in the forward →
     (grad_x [N, D] x.dtype, grad_codebook [K, D] codebook.dtype). The codebook gradient is a
     segment sum in a fixed order: the same bits every run."""
-    indices, mask = check_inputs(x, indices, mask)
-    _check_codebook(x, codebook)
+    check_same_dtype(x, codebook)
+    check_can_serve(x=x, codebook=codebook)
+    indices, mask = contiguous_rows(indices, mask)
     num_rows, dim = x.shape
     num_codes = codebook.shape[0]
-    if grad_quantized is not None and grad_quantized.shape != x.shape:
-        raise ValueError(f"grad_quantized must be {tuple(x.shape)}, got "
-                         f"{tuple(grad_quantized.shape)}")
-    for name, grad in (("grad_commitment", grad_commitment),
-                       ("grad_codebook_loss", grad_codebook_loss)):
-        if grad.numel() != 1:
-            raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(grad.shape)}")
     grad_x = torch.empty(num_rows, dim, dtype=x.dtype, device=x.device)
     if num_rows == 0 or num_codes == 0:
         return grad_x, torch.zeros(num_codes, dim, dtype=codebook.dtype, device=x.device)
@@ -280,22 +207,10 @@ def quantize_straight_through_backward(grad_quantized: torch.Tensor | None,
             codebook.stride(1), D=dim, BLOCK_R=segment_block_rows(num_rows, num_codes),
             BLOCK_D=block_d, HAS_MASK=mask is not None,
             HAS_GRAD_QUANTIZED=has_grad_quantized,
-            ROUND_TO_BF16=_INTERPRET and x.dtype == torch.bfloat16)
+            ROUND_TO_BF16=INTERPRET and x.dtype == torch.bfloat16)
     # Rows with an index outside [0, K) lie in no segment: as on CUDA they get only the
     # straight-through gradient (zeros without one).
     straight = (grad_quantized.to(x.dtype) if has_grad_quantized
                 else torch.zeros((), dtype=x.dtype, device=x.device))
     grad_x = torch.where(_in_range(indices, num_codes)[:, None], grad_x, straight)
     return grad_x, grad_codebook
-
-
-def device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else _NoGuard()
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -9,16 +9,13 @@ Semantics are those of lgvq_kernels.reference.relation_alignment_loss(_backward)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from lgvq_kernels.triton.quantize import device_guard, round_to_bfloat16
-
-# Read once, like triton.jit does when it decorates the kernels below.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lgvq_kernels._backends import BackendUnavailableError
+from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, device_guard,
+                                         round_to_bfloat16)
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -204,43 +201,21 @@ def _relation_backward_kernel(words_ptr, visual_ptr, codes_ptr, mask_ptr, coef_p
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The whole [L, L] Gram difference of a sample lives in one program's registers.
 _MAX_WORDS = 256
 
 
-def _check(words: torch.Tensor, visual: torch.Tensor, codes: torch.Tensor,
-           word_mask: torch.Tensor) -> None:
-    for name, value in (("words", words), ("visual", visual), ("codes", codes)):
-        if value.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {value.dtype}; the triton backend supports "
-                            "float32/float16/bfloat16 (use the reference or native backend)")
-        if value.dim() != 3:
-            raise ValueError(f"{name} must have 3 dimensions, got shape {tuple(value.shape)}")
-        if value.device != codes.device:
-            raise ValueError(f"{name} is on {value.device} but codes is on {codes.device}")
-    if codes.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"codes is on {codes.device}; the triton backend needs CUDA tensors "
-                         "(CPU tensors only under TRITON_INTERPRET=1)")
-    batch, length, width = words.shape
-    if visual.shape[0] != batch or visual.shape[2] != width or visual.shape[1] < 1:
-        raise ValueError(f"visual must be [{batch}, M >= 1, {width}], got "
-                         f"{tuple(visual.shape)}")
-    if codes.shape != visual.shape:
-        raise ValueError(f"codes must have the shape of visual {tuple(visual.shape)}, got "
-                         f"{tuple(codes.shape)}")
-    if word_mask.dtype != torch.bool or word_mask.shape != (batch, length) \
-            or word_mask.device != codes.device:
-        raise ValueError(f"word_mask must be bool [{batch}, {length}] on {codes.device}, got "
-                         f"{word_mask.dtype} {tuple(word_mask.shape)} on {word_mask.device}")
-    if length > _MAX_WORDS:
-        raise ValueError(f"words has {length} tokens; the triton backend takes at most "
-                         f"{_MAX_WORDS} per sample (use the native or reference backend)")
+def _check(words: torch.Tensor, visual: torch.Tensor, codes: torch.Tensor) -> None:
+    check_can_serve(words=words, visual=visual, codes=codes)
+    if words.shape[1] > _MAX_WORDS:
+        raise BackendUnavailableError(
+            f"words has {words.shape[1]} tokens; the triton backend takes at most {_MAX_WORDS} "
+            "per sample (use the native or reference backend)")
 
 
 def _meta(length: int, positions: int, width: int) -> dict:
     block_l = max(16, triton.next_power_of_2(length))  # tl.dot needs every block dim >= 16
-    if _INTERPRET:
+    if INTERPRET:
         # ~0.5 ms per tl op per loop trip whatever the tile: few, large tiles (capped, the
         # similarity is a BLOCK_L x BLOCK_M x BLOCK_C broadcast product there).
         block_m = min(128, max(16, triton.next_power_of_2(positions)))
@@ -254,7 +229,7 @@ def _meta(length: int, positions: int, width: int) -> dict:
         block_m, block_c, num_warps = {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 16, 8)}.get(
             block_l, (16, 16, 16))
     return dict(C=width, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_C=block_c,
-                INTERPRETING=_INTERPRET, num_warps=num_warps)
+                INTERPRETING=INTERPRET, num_warps=num_warps)
 
 
 def _strides(words, visual, codes, word_mask) -> tuple[int, ...]:
@@ -265,7 +240,7 @@ def relation_alignment_forward(words: torch.Tensor, visual: torch.Tensor, codes:
                                word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """words [B, L, C], visual [B, M, C], codes [B, M, C] (float32/float16/bfloat16, dtypes may
     differ, any strides), word_mask [B, L] bool → (loss 0-d float32, chosen [B, L] int64)."""
-    _check(words, visual, codes, word_mask)
+    _check(words, visual, codes)
     batch, length, width = words.shape
     positions = visual.shape[1]
     device = codes.device
@@ -286,10 +261,7 @@ def relation_alignment_backward(grad_loss: torch.Tensor, words: torch.Tensor,
                                 word_mask: torch.Tensor) -> torch.Tensor:
     """grad_loss 0-d float tensor, the rest as in the forward → grad_codes [B, M, C] in
     codes.dtype (contiguous). Deterministic: every element is written once, no atomics."""
-    _check(words, visual, codes, word_mask)
-    if grad_loss.numel() != 1:
-        raise ValueError(f"grad_loss must be a scalar tensor, got shape "
-                         f"{tuple(grad_loss.shape)}")
+    _check(words, visual, codes)
     batch, length, width = words.shape
     positions = visual.shape[1]
     if batch * length == 0:
@@ -301,5 +273,5 @@ def relation_alignment_backward(grad_loss: torch.Tensor, words: torch.Tensor,
         _relation_backward_kernel[(batch,)](
             words, visual, codes, word_mask, coef, grad_codes, length, positions,
             *_strides(words, visual, codes, word_mask), **_meta(length, positions, width),
-            ROUND_TO_BF16=_INTERPRET and codes.dtype == torch.bfloat16)
+            ROUND_TO_BF16=INTERPRET and codes.dtype == torch.bfloat16)
     return grad_codes
