@@ -17,6 +17,8 @@ class TrainConfig:
     image_size: int = 32  # pixels per side after resize/crop
     train_images: int = 2048  # size of the training split (shapes); 0 = the whole folder set
     eval_images: int = 256  # held-out images used by evaluation
+    object_radii: tuple[float, ...] = (0.13, 0.075)  # captioned shapes: (large, small) object
+    # radius as fractions of the image side
     # --- tokenizer --------------------------------------------------------------------------
     backbone: str = "vqvae"  # vqvae | vqgan
     base_channels: int = 16  # channels of the first encoder level
@@ -116,11 +118,12 @@ PRESETS: dict[str, dict] = {
     #   (no text-encoder forward per step, nothing of the masked word leaks), training masking
     #   attribute words only and the word head scoring the training captions' 62 token ids.
     "shapes": {"alpha": 0.1, "beta": 1.0, "gamma": 0.01, "pixel_loss": "mse",
-               "mask_before_encoding": True, "masked_text_features": "embeddings",
-               "mask_words": "attributes", "train_images": 1024, "batch_size": 16,
-               "steps": 1500, "learning_rate": 1.5e-3, "codebook_size": 256,
-               "dead_code_threshold": 1.0, "log_every": 50, "checkpoint_every": 500,
-               "sample_every": 500},
+               "object_radii": (0.15, 0.10), "mask_before_encoding": True,
+               "masked_text_features": "embeddings", "mask_words": "attributes",
+               "train_images": 1024, "batch_size": 16, "steps": 1200, "learning_rate": 2e-3,
+               "learning_rate_schedule": "cosine", "warmup_steps": 50, "codebook_size": 256,
+               "dead_code_threshold": 1.0, "log_every": 50, "checkpoint_every": 400,
+               "sample_every": 400},
     "shapes-tiny": {"alpha": 0.1, "beta": 1.0, "gamma": 0.01, "pixel_loss": "mse",
                     "mask_before_encoding": True, "masked_text_features": "embeddings",
                     "mask_words": "attributes", "train_images": 256,

@@ -96,7 +96,9 @@ def build_dataset(config: TrainConfig, split: str):
     """The ``split`` of the configured data set (captioned shapes: ``train_images`` or
     ``eval_images`` items)."""
     size = config.train_images if split == "train" else config.eval_images
-    options = {"size": size} if config.dataset == "shapes" and size else {}
+    options = {}
+    if config.dataset == "shapes":
+        options = {"radii": tuple(config.object_radii), **({"size": size} if size else {})}
     return build_named_dataset(config.dataset, root=config.data_root or None, split=split,
                                image_size=config.image_size, **options)
 

@@ -78,3 +78,21 @@ def test_ratio_target_judges_the_medians_and_names_what_is_missing():
     failed = harness.ratio_target("d", {**case, "fast": _row("fast", None, "error")}, "slow",
                                   "fast", at_least=1)
     assert (failed.status, failed.detail) == ("NOT MEASURED", "fast error: it broke")
+
+
+def test_official_loop_baseline_computes_the_relation_loss():
+    """The relation benchmark's official-code loop times the same loss and gradient as the op."""
+    import torch
+
+    import lgvq_kernels
+    from benchmarks import relation
+
+    shape = {"B": 3, "L": 7, "M": 5, "C": 8}
+    step = relation.official_loop(shape, torch.device("cpu"), "float32")
+    loss = step()
+    words, visual, codes, mask = relation.make_inputs(shape, torch.device("cpu"), "float32")
+    codes.requires_grad_(True)
+    expected = lgvq_kernels.relation_alignment_loss(words, visual, codes, mask,
+                                                    backend="reference").loss
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)

@@ -11,7 +11,13 @@ from torch.utils.data import Dataset
 from lgvq.data.images import image_array_to_tensor
 from lgvq.data.shapes.captions import sample_captions
 from lgvq.data.shapes.rendering import check_image_size, render_scene
-from lgvq.data.shapes.scenes import SceneAttributes, check_object_range, sample_scene
+from lgvq.data.shapes.scenes import (
+    DEFAULT_RADII,
+    SceneAttributes,
+    check_object_range,
+    check_radii,
+    sample_scene,
+)
 from lgvq.data.shapes.vocabulary import MAX_OBJECTS
 
 SPLIT_STREAMS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -49,13 +55,14 @@ def generate_captioned_scene(
     captions_per_image: int = 5,
     min_objects: int = 1,
     max_objects: int = MAX_OBJECTS,
+    radii: tuple[float, float] = DEFAULT_RADII,
 ) -> CaptionedScene:
     """Item ``index`` of ``split``: image uint8 [image_size, image_size, 3], attributes, captions.
 
     Attributes and captions do not depend on ``image_size``: the same scene renders at any size.
     """
     generator = item_generator(seed, split, index)
-    scene = sample_scene(generator, min_objects, max_objects)
+    scene = sample_scene(generator, min_objects, max_objects, radii)
     captions = sample_captions(scene, generator, captions_per_image)
     return CaptionedScene(render_scene(scene, image_size), scene, captions)
 
@@ -70,6 +77,9 @@ class ShapesDataset(Dataset):
         seed: data set seed; the same (seed, split, index) always gives the same item.
         captions_per_image: captions per item (>= 1); distinct templates come first.
         min_objects, max_objects: object count range, within 1..3.
+        radii: (large, small) object circumradius as fractions of the image side (default
+            0.13, 0.075); the demo draws larger objects (0.15, 0.10) so that a 32x32 tokenizer
+            sees them over more pixels.
 
     Item: dict with
         "image": float32 [3, image_size, image_size] in [-1, 1],
@@ -89,6 +99,7 @@ class ShapesDataset(Dataset):
         captions_per_image: int = 5,
         min_objects: int = 1,
         max_objects: int = MAX_OBJECTS,
+        radii: tuple[float, float] = DEFAULT_RADII,
     ):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"split must be one of {tuple(SPLIT_STREAMS)}, got {split!r}")
@@ -110,6 +121,7 @@ class ShapesDataset(Dataset):
         self.captions_per_image = captions_per_image
         self.min_objects = min_objects
         self.max_objects = max_objects
+        self.radii = check_radii(radii)
 
     def __len__(self) -> int:
         return self.size
@@ -126,7 +138,7 @@ class ShapesDataset(Dataset):
         ``self[index]["captions"]``)."""
         index = self._check_index(index)
         generator = item_generator(self.seed, self.split, index)
-        scene = sample_scene(generator, self.min_objects, self.max_objects)
+        scene = sample_scene(generator, self.min_objects, self.max_objects, self.radii)
         return sample_captions(scene, generator, self.captions_per_image)
 
     def __getitem__(self, index: int) -> dict:
@@ -139,6 +151,7 @@ class ShapesDataset(Dataset):
             self.captions_per_image,
             self.min_objects,
             self.max_objects,
+            self.radii,
         )
         return {
             "image": image_array_to_tensor(item.image),

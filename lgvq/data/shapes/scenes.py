@@ -22,6 +22,20 @@ from lgvq.data.shapes.vocabulary import (
 _LARGE_RADIUS = 0.13
 _SMALL_RADIUS = 0.075
 _CELL_MARGIN = 0.01
+DEFAULT_RADII = (_LARGE_RADIUS, _SMALL_RADIUS)  # (large, small), fractions of the image side
+
+
+def check_radii(radii) -> tuple[float, float]:
+    """``(large, small)`` object radii: 0 < small < large and the large one fits in its cell."""
+    limit = 0.5 / GRID_SIDE - _CELL_MARGIN
+    try:
+        large, small = (float(r) for r in radii)
+    except (TypeError, ValueError):
+        raise ValueError(f"radii must be two numbers (large, small), got {radii!r}") from None
+    if not 0 < small < large <= limit:
+        raise ValueError(f"radii must satisfy 0 < small < large <= {limit:.4f} (an object stays "
+                         f"in its grid cell), got large={large}, small={small}")
+    return large, small
 
 
 def check_object_range(min_objects: int, max_objects: int) -> None:
@@ -105,14 +119,17 @@ _SCENE_UNIFORMS = 1 + (GRID_SIDE * GRID_SIDE - 1) + 4 * MAX_OBJECTS + 4
 
 
 def sample_scene(
-    generator: np.random.Generator, min_objects: int = 1, max_objects: int = MAX_OBJECTS
+    generator: np.random.Generator, min_objects: int = 1, max_objects: int = MAX_OBJECTS,
+    radii: tuple[float, float] = DEFAULT_RADII,
 ) -> SceneAttributes:
-    """Draw a scene: object count, distinct cells, (colour, shape) pairs unique in the scene.
+    """Draw a scene: object count, distinct cells, (colour, shape) pairs unique in the scene;
+    a "large" object has circumradius ``radii[0]``, a "small" one ``radii[1]``.
 
     Consumes one ``generator.random`` call; the choices are made in Python from those numbers
     (numpy calls cost ~5 us each and would dominate generation time).
     """
     check_object_range(min_objects, max_objects)
+    large_radius, small_radius = check_radii(radii)
     uniforms = iter(generator.random(_SCENE_UNIFORMS).tolist())
     count = min_objects + int(next(uniforms) * (max_objects - min_objects + 1))
     cells = list(range(GRID_SIDE * GRID_SIDE))
@@ -129,7 +146,7 @@ def sample_scene(
         colour, shape = _PAIRS[pair_index]
         used_pairs.add((colour, shape))
         size = SIZE_NAMES[int(next(uniforms) * len(SIZE_NAMES))]
-        radius = _LARGE_RADIUS if size == "large" else _SMALL_RADIUS
+        radius = large_radius if size == "large" else small_radius
         room = half_cell - radius - _CELL_MARGIN
         row, column = divmod(cell, GRID_SIDE)
         objects.append(
