@@ -40,7 +40,7 @@ from lgvq.models import (
     build_vqvae,
 )
 from lgvq.text import CLIPTextEncoder, TextFeatureCache, load_text_encoder
-from lgvq.text.encoder import mask_word_tokens
+from lgvq.text.masking import mask_word_tokens
 from lgvq.text.features import TextFeatures
 
 CHECKPOINT_NAME = "last.safetensors"

@@ -20,7 +20,7 @@ from torch import Tensor
 
 import lgvq_kernels
 from lgvq.evaluation.checks import check_bool_mask, check_tensor
-from lgvq.text.encoder import mask_word_tokens
+from lgvq.text.masking import mask_word_tokens
 
 __all__ = [
     "PSNR_CAP_DB",

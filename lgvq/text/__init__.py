@@ -15,7 +15,8 @@ transformers is imported only when an encoder is constructed.
 """
 
 from lgvq.text.cache import TextFeatureCache, TextFeatureCacheWarning, caption_set_fingerprint
-from lgvq.text.encoder import DEFAULT_MAX_LENGTH, TextEncoder, mask_word_tokens
+from lgvq.text.encoder import DEFAULT_MAX_LENGTH, TextEncoder
+from lgvq.text.masking import mask_word_tokens
 from lgvq.text.features import TextFeatures, TokenizedText
 from lgvq.text.huggingface import (
     MINILM_NAME,
