@@ -128,7 +128,7 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
                   eval_seconds=time.perf_counter() - started, config=config.to_dict())
     atomic_write(scores_path, json.dumps(scores, indent=2))
     print(f"[demo] {name} done in {train_seconds / 60:.1f} min: " + ", ".join(
-        f"{k}={scores[k]:.4g}" for k, _, _ in METRICS), flush=True)
+        f"{k}={scores[k]:.4g}" for k, _, _ in METRICS if k in scores), flush=True)
     return scores
 
 
