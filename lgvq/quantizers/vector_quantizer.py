@@ -19,6 +19,7 @@ from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import kmeans, sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.rotation import rotate_onto_codes
+from lgvq.quantizers.snapshot import snapshot
 from lgvq.quantizers.types import (
     CodebookUsage,
     LossBreakdown,
@@ -386,8 +387,8 @@ class VectorQuantizer(nn.Module):
             return F.normalize(self.codebooks, dim=-1) if self.use_cosine_sim else self.codebooks
         if self.training and (self.ema_update or self.threshold_ema_dead_code > 0):
             # the update at the end of this forward rewrites the buffer in place; the backward
-            # of this step needs the codes it was computed with
-            return self.codebooks.clone()
+            # of this step needs the codes it was computed with (a copy torch.compile keeps)
+            return snapshot(self.codebooks)
         return self.codebooks
 
     def _dead_code_candidates(self, searched_rows: list, searched_masks: list,

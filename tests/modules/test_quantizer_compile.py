@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True) of a VectorQuantizer forward in eval mode (check_finite=False):
 no graph break, the same outputs as eager."""
 
+import copy
+
 import pytest
 import torch
 
@@ -35,3 +37,26 @@ def test_compiled_eval_forward_matches_eager(backend):
         assert torch.equal(indices, eager_indices)
         torch.testing.assert_close(quantized, eager_quantized, rtol=0, atol=0)
         torch.testing.assert_close(loss, eager_loss)
+
+
+def train_step(module, x):
+    """One training forward and backward; returns the input gradient and the new codebook."""
+    x = x.clone().requires_grad_(True)
+    quantized, _, loss = module(x)
+    (quantized.square().sum() + loss.sum()).backward()
+    return x.grad
+
+
+def test_compiled_training_uses_the_codebook_before_the_ema_update():
+    # inductor once saved the codebook buffer for the backward instead of the forward's copy,
+    # so the commitment gradient saw the codes after this step's EMA update (error 4.4e-3)
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    eager = lgvq.VectorQuantizer(8, 16, check_finite=False, backend="reference")
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)  # inductor
+    x = torch.randn(4, 6, 8)
+    for _ in range(2):
+        expected = train_step(eager, x)
+        torch.testing.assert_close(train_step(compiled, x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_module.codebooks, eager.codebooks, rtol=1e-5, atol=1e-6)
