@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import LossBreakdown
-from lgvq.quantizers.vector_quantizer import VectorQuantizer, check_backend
+from lgvq.quantizers.vector_quantizer import VectorQuantizer, check_backend, projected_dtype
 from lgvq_kernels.functional import check_all_finite
 
 # Arguments ResidualVQ owns itself (layout, projections) and does not hand to its stages.
@@ -135,7 +135,8 @@ class ResidualVQ(nn.Module):
         if self.training and self.shared_codebook:
             self._update_shared_codebook_(searched)
 
-        quantized = self.project_out(quantized_sum).to(x.dtype)
+        # the stages sum in float32; project_out has the module's dtype (.half(), .bfloat16())
+        quantized = self.project_out(quantized_sum.to(residual.dtype)).to(x.dtype)
         if rows_mask is not None:
             quantized = torch.where(rows_mask[:, None], quantized, rows)
         indices = torch.stack(all_indices, dim=-1).reshape(*lead_shape, self.num_quantizers)
@@ -162,7 +163,7 @@ class ResidualVQ(nn.Module):
         project_out, in forward's layout (``[B, dim, H, W]`` for image feature maps)."""
         summed = self.get_codes_from_indices(indices).sum(0)
         lead_shape = tuple(summed.shape[:-1])
-        rows = self.project_out(summed.reshape(-1, self.codebook_dim))
+        rows = self.project_out(projected_dtype(self, summed.reshape(-1, self.codebook_dim)))
         return self.layout.from_rows(rows, lead_shape)
 
     def _active_stages(self, lead_shape: tuple[int, ...], rows_count: int,

@@ -42,6 +42,14 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
 
 
+def projected_dtype(module: nn.Module, codes: Tensor) -> Tensor:
+    """codes (float32, from the codebook) in the dtype of ``module.project_out`` (the module's
+    dtype after .half()/.bfloat16()/.double()); unchanged without projections."""
+    if not module.has_projections:
+        return codes
+    return codes.to(module.project_out.weight.dtype)
+
+
 class QuantizedRows(NamedTuple):
     """What one pass of :meth:`VectorQuantizer.quantize_rows` produces (internal currency,
     also used by ResidualVQ)."""
@@ -268,7 +276,7 @@ class VectorQuantizer(nn.Module):
         """What forward would output for ``indices``: the codes through ``project_out``, in
         forward's layout with ``dim`` channels."""
         codes, lead_shape = self._codes_as_rows(indices)
-        return self.layout.from_rows(self.project_out(codes), lead_shape)
+        return self.layout.from_rows(self.project_out(projected_dtype(self, codes)), lead_shape)
 
     def usage_from_indices(self, indices: Tensor) -> CodebookUsage:
         """indices int64 ``[M, heads]`` (-1 ignored) -> usage of each codebook, averaged."""
@@ -319,6 +327,9 @@ class VectorQuantizer(nn.Module):
             index_rows = indices[0].reshape(rows_count, self.heads)
         if mask is not None:
             index_rows = torch.where(mask[:, None], index_rows, -1)
+        # the codes come back float32 (cosine search and the float32 codebook); a module moved
+        # with .half() has a half project_out
+        quantized_rows = quantized_rows.to(features.dtype)
         return QuantizedRows(quantized_rows, index_rows,
                              torch.stack(commitments).float().mean(),
                              torch.stack(codebook_losses).float().mean(),
