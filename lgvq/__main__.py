@@ -13,16 +13,31 @@ import sys
 
 from lgvq.config import PRESETS, TrainConfig, build_config, parse_overrides
 from lgvq.evaluation.evaluate import evaluate_checkpoint
-from lgvq.training import train
+from lgvq.training import TrainingInterrupted, resume_config, train
 
 USAGE = __doc__
 
 
 def _train(arguments: list[str]) -> int:
     overrides = parse_overrides(arguments)
-    preset = overrides.pop("preset", "shapes")
-    config = build_config(preset, overrides)
-    path = train(config)
+    if overrides.get("resume", "false").lower() in ("1", "true", "yes", "on"):
+        # the run's own config, from its checkpoint; flags may only change what is safe
+        out_dir = overrides.pop("out_dir", None) or build_config(
+            overrides.get("preset", "shapes")).out_dir
+        config = resume_config(out_dir, overrides)
+    else:
+        preset = overrides.pop("preset", "shapes")
+        config = build_config(preset, overrides)
+    try:
+        path = train(config)
+    except TrainingInterrupted as stop:
+        print(f"lgvq train: {stop}; continue with: lgvq train --out_dir={config.out_dir} "
+              "--resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("lgvq train: interrupted before the first step; nothing was saved",
+              file=sys.stderr)
+        return 130
     print(f"lgvq: checkpoint written to {path}")
     return 0
 
