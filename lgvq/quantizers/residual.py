@@ -26,11 +26,12 @@ class ResidualVQ(nn.Module):
       codebook_dim: code size; ``nn.Linear`` projections in and out when it differs from dim.
       shared_codebook: one codebook for every stage (RQ-VAE). Its EMA statistics are summed over
         the stages and applied once per forward (vector-quantize-pytorch decays once per stage).
-      quantize_dropout: probability, per sample of the batch (first axis) and training step, of
-        keeping only the first n stages, n drawn uniformly in [cutoff + 1, Q]. Dropped stages
-        get index -1 and add nothing; ``True`` means 1.0. Drawn on device for each sample, so
-        every stage still runs (no host sync; every rank calls the same collectives).
-        vector-quantize-pytorch instead draws one n per batch, synchronised across ranks.
+      quantize_dropout: probability, per training step, of keeping only the first n stages for
+        the whole batch, n drawn uniformly in [cutoff + 1, Q] (``True``: every step, as
+        vector-quantize-pytorch). Dropped stages get index -1, add nothing and have loss 0.
+        Drawn on device, so every stage still runs (no host sync; every rank calls the same
+        collectives); each rank draws from its own generator (vector-quantize-pytorch
+        synchronises the draw across ranks).
       quantize_dropout_cutoff_index: stages 0..cutoff are never dropped.
       accept_image_fmap, channel_last, check_finite, backend: as for VectorQuantizer.
       **quantizer_kwargs: passed to every stage's VectorQuantizer (decay, eps,
@@ -140,11 +141,13 @@ class ResidualVQ(nn.Module):
         if rows_mask is not None:
             quantized = torch.where(rows_mask[:, None], quantized, rows)
         indices = torch.stack(all_indices, dim=-1).reshape(*lead_shape, self.num_quantizers)
-        outputs = (self.layout.from_rows(quantized, lead_shape), indices, torch.stack(losses))
+        losses = torch.stack(losses)
+        if not self.training:  # vector-quantize-pytorch's convention: no loss in eval mode
+            losses = torch.zeros_like(losses)
+        outputs = (self.layout.from_rows(quantized, lead_shape), indices, losses)
         if return_loss_breakdown:
             commitment = torch.stack(commitments)
-            outputs += (LossBreakdown(commitment, torch.stack(codebook_losses),
-                                      torch.zeros_like(commitment)),)
+            outputs += (LossBreakdown.of(commitment, torch.stack(codebook_losses)),)
         return outputs
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
@@ -171,14 +174,13 @@ class ResidualVQ(nn.Module):
         """bool ``[M, Q]``: which stages each row uses this step (None: all of them)."""
         if not (self.training and self.quantize_dropout > 0 and self.num_quantizers > 1):
             return None
-        samples = lead_shape[0]
-        dropped = torch.rand(samples, device=device) < self.quantize_dropout
+        # one draw for the batch (vector-quantize-pytorch's semantics)
+        dropped = torch.rand((), device=device) < self.quantize_dropout
         last_stage = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers,
-                                   (samples,), device=device)
+                                   (), device=device)
         last_stage = torch.where(dropped, last_stage, self.num_quantizers - 1)
-        active = torch.arange(self.num_quantizers, device=device) <= last_stage[:, None]
-        rows_per_sample = rows_count // max(samples, 1)
-        return active.repeat_interleave(rows_per_sample, dim=0)
+        active = torch.arange(self.num_quantizers, device=device) <= last_stage
+        return active.expand(rows_count, self.num_quantizers)
 
     def _update_shared_codebook_(self, searched: list) -> None:
         rows, masks, indices = zip(*searched)

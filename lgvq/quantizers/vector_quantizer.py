@@ -91,7 +91,7 @@ class VectorQuantizer(nn.Module):
       threshold_ema_dead_code: codes whose EMA cluster size falls below this are replaced by
         vectors drawn at random from the batch (0 disables).
       rotation_trick: gradient through the rotation trick (Fifty et al. 2024) instead of
-        straight-through. Default False here; vector-quantize-pytorch turns it on for dim > 1.
+        straight-through. Default (None): on for dim > 1, as in vector-quantize-pytorch.
       sync_codebook: keep the codebook identical on every rank under torch.distributed (EMA
         statistics all-reduced as one packed buffer, k-means statistics all-reduced with the
         initial centroids broadcast, dead-code replacements broadcast from rank 0). None: on
@@ -108,9 +108,13 @@ class VectorQuantizer(nn.Module):
 
     Differences from vector-quantize-pytorch (same settings, same initial codebook: same
     indices, outputs, losses, gradients and EMA codebook, see tests/modules):
-      - rotation_trick defaults to False (theirs: True for dim > 1); ema_update defaults to
-        ``not learnable_codebook`` (theirs must be turned off by hand for a learnable codebook).
-      - The loss is also computed in eval mode; masked rows output x (theirs: zeros).
+      - ema_update defaults to ``not learnable_codebook`` (theirs must be turned off by hand for
+        a learnable codebook). Masked rows output x (theirs: zeros).
+      - In eval mode the loss is 0 as theirs, but return_loss_breakdown still measures the
+        terms (theirs: zeros).
+      - get_output_from_indices with heads sharing one codebook returns forward's output
+        ``[..., dim]`` (theirs: the codes ``[..., heads, codebook_dim]`` unprojected, and an
+        error when there is a projection).
       - Learnable codebook: loss = beta * commitment + codebook_weight * codebook. Theirs
         is commitment_weight * mse with gradient to both sides: the same gradients when
         codebook_weight == commitment_weight, twice the value. Cosine + learnable is allowed.
@@ -130,7 +134,7 @@ class VectorQuantizer(nn.Module):
                  learnable_codebook: bool = False, commitment_weight: float = 1.0,
                  codebook_weight: float = 1.0, use_cosine_sim: bool = False,
                  kmeans_init: bool = False, kmeans_iters: int = 10,
-                 threshold_ema_dead_code: float = 0.0, rotation_trick: bool = False,
+                 threshold_ema_dead_code: float = 0.0, rotation_trick: bool | None = None,
                  sync_codebook: bool | None = None, accept_image_fmap: bool = False,
                  channel_last: bool = True, check_finite: bool = True, backend: str = "auto"):
         super().__init__()
@@ -169,7 +173,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init = bool(kmeans_init)
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
-        self.rotation_trick = bool(rotation_trick)
+        # vector-quantize-pytorch's default: on when there is more than one feature
+        self.rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
         self.sync_codebook = sync_codebook
         self.check_finite = bool(check_finite)
         self.backend = backend
@@ -217,8 +222,7 @@ class VectorQuantizer(nn.Module):
           indices: int64 x's shape without the feature axis, with a trailing ``heads`` axis
             when heads > 1.
           loss: float32 0-d, ``commitment_weight * commitment`` (+ ``codebook_weight *
-            codebook`` for a learnable codebook). Computed in eval mode too (vector-quantize-
-            pytorch returns 0 there).
+            codebook`` for a learnable codebook); 0 in eval mode, as vector-quantize-pytorch.
         In training mode the codebook is updated (EMA, k-means init, dead-code replacement).
         """
         rows, lead_shape = self.layout.to_rows(x)
@@ -238,11 +242,12 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment_weight * result.commitment
         if self.learnable_codebook:
             loss = loss + self.codebook_weight * result.codebook_loss
+        if not self.training:  # vector-quantize-pytorch's convention: no loss in eval mode
+            loss = torch.zeros_like(loss)
 
         outputs = (quantized, indices, loss)
         if return_loss_breakdown:
-            contrastive = torch.zeros_like(result.commitment)
-            outputs += (LossBreakdown(result.commitment, result.codebook_loss, contrastive),)
+            outputs += (LossBreakdown.of(result.commitment, result.codebook_loss),)
         if return_usage:
             outputs += (self.usage_from_indices(result.indices),)
         return outputs
