@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import LossBreakdown
-from lgvq.quantizers.vector_quantizer import VectorQuantizer, check_backend, projected_dtype
+from lgvq.quantizers.vector_quantizer import (
+    VectorQuantizer,
+    check_backend,
+    projected_dtype,
+    reject_options,
+)
 from lgvq_kernels.functional import check_all_finite
 
 # Arguments ResidualVQ owns itself (layout, projections) and does not hand to its stages.
@@ -57,6 +64,9 @@ class ResidualVQ(nn.Module):
         if quantize_dropout_cutoff_index >= num_quantizers:
             raise ValueError(f"quantize_dropout_cutoff_index must be < num_quantizers "
                              f"({num_quantizers}), got {quantize_dropout_cutoff_index}")
+        stage_options = set(inspect.signature(VectorQuantizer).parameters) - {"unsupported"}
+        reject_options(type(self).__name__,
+                       {k: v for k, v in quantizer_kwargs.items() if k not in stage_options})
         reserved = sorted(set(quantizer_kwargs) & set(_RESERVED))
         if reserved:
             raise ValueError(f"ResidualVQ does not accept {reserved} for its stages (heads must "

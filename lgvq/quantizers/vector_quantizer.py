@@ -36,6 +36,32 @@ from lgvq_kernels.functional import (
 
 BACKEND_CHOICES = ("auto", "reference", "native", "triton")
 
+# vector-quantize-pytorch options lgvq does not implement (README, "The drop-in quantizer")
+PEER_ONLY_OPTIONS = (
+    "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
+    "codebook_diversity_loss_weight", "codebook_diversity_temperature",
+    "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "directional_reparam",
+    "affine_param", "accept_3d_fmap", "layernorm_after_project_in", "freeze_codebook",
+    "manual_ema_update", "in_place_codebook_optimizer", "sync_update_v", "vq_bridge",
+    "commitment_use_cross_entropy_loss", "return_zeros_for_masked_padding", "reinmax",
+    "sync_kmeans", "sync_affine_param", "learnable_codebook_init", "implicit_neural_codebook",
+    "use_ddp", "codebook_transform", "kmeans_init_fn", "diveq",
+)
+
+
+def reject_options(class_name: str, options: dict) -> None:
+    """TypeError naming ``class_name`` (the class the user called) for ``options`` it does not
+    take, and what to do."""
+    if not options:
+        return
+    names = sorted(options)
+    peer = [name for name in names if name in PEER_ONLY_OPTIONS]
+    if peer:
+        raise TypeError(f"{class_name} does not offer vector-quantize-pytorch's {peer}: remove "
+                        "them (the README's 'The drop-in quantizer' lists what lgvq supports "
+                        "and how it differs)")
+    raise TypeError(f"{class_name} got unexpected keyword arguments {names}")
+
 
 def check_backend(backend) -> None:
     if backend not in BACKEND_CHOICES:
@@ -136,8 +162,10 @@ class VectorQuantizer(nn.Module):
                  kmeans_init: bool = False, kmeans_iters: int = 10,
                  threshold_ema_dead_code: float = 0.0, rotation_trick: bool | None = None,
                  sync_codebook: bool | None = None, accept_image_fmap: bool = False,
-                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto"):
+                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto",
+                 **unsupported):
         super().__init__()
+        reject_options(type(self).__name__, unsupported)
         codebook_dim = dim if codebook_dim is None else codebook_dim
         ema_update = (not learnable_codebook) if ema_update is None else bool(ema_update)
         check_positive_int("dim", dim)
@@ -198,7 +226,10 @@ class VectorQuantizer(nn.Module):
         if self.ema_update:
             self.register_buffer("embed_sum", codebooks.clone())
         self.register_buffer("kmeans_done", torch.tensor(not self.kmeans_init))
-        self._kmeans_done_cache: bool | None = None
+        # the buffer's value as a Python bool, so forward never reads it back from the device
+        # (a host sync, and a graph break under torch.compile(fullgraph=True)); set again
+        # whenever a state dict is loaded
+        self._kmeans_done_cache = not self.kmeans_init
 
     # ----------------------------------------------------------------------------------------
     # public API
@@ -438,8 +469,6 @@ class VectorQuantizer(nn.Module):
             self.codebooks.copy_(fresh)
 
     def _is_kmeans_done(self) -> bool:
-        if self._kmeans_done_cache is None:  # one host read, then cached
-            self._kmeans_done_cache = bool(self.kmeans_done)
         return self._kmeans_done_cache
 
     @torch.no_grad()
@@ -485,7 +514,7 @@ class VectorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._kmeans_done_cache = None
+        self._kmeans_done_cache = bool(self.kmeans_done)  # one host read, at load time
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) must not round the EMA state: keep those buffers float32, moved to
