@@ -160,6 +160,17 @@ class ResidualVQ(nn.Module):
             outputs += (LossBreakdown.of(commitment, torch.stack(codebook_losses)),)
         return outputs
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # vector-quantize-pytorch's ResidualVQ keeps its stages in ``layers`` (with a shared
+        # codebook every stage holds the same tensors: the first one is kept)
+        marker = prefix + "layers."
+        for key in [k for k in state_dict if k.startswith(marker)]:
+            stage, _, rest = key[len(marker):].partition(".")
+            value = state_dict.pop(key)
+            if int(stage) < len(self.quantizers):
+                state_dict[f"{prefix}quantizers.{stage}.{rest}"] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices int64 ``[..., q]`` (q <= Q: the first q stages; -1 gives zeros) -> codes
         ``[q, ..., codebook_dim]`` (channel last, before project_out)."""

@@ -49,6 +49,28 @@ PEER_ONLY_OPTIONS = (
 )
 
 
+# vector-quantize-pytorch's state-dict names -> ours (same shapes and meaning; the parity tests
+# compare these buffers directly)
+PEER_STATE_NAMES = {"_codebook.embed": "codebooks", "_codebook.cluster_size": "cluster_size",
+                    "_codebook.embed_avg": "embed_sum", "_codebook.initted": "kmeans_done"}
+
+
+def convert_vector_quantize_state_dict(state_dict: dict, prefix: str = "", *,
+                                       ema_update: bool = True) -> dict:
+    """A vector-quantize-pytorch ``VectorQuantize`` state dict (keys under ``prefix``) with
+    lgvq's names, in place; returned for convenience. ``project_in``/``project_out`` keep their
+    names. Without ``ema_update`` the peer's ``embed_avg`` (which it keeps even then) is
+    dropped. A state dict with lgvq's names is left as it is."""
+    if prefix + "_codebook.embed" not in state_dict:
+        return state_dict
+    for theirs, ours in PEER_STATE_NAMES.items():
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+    if not ema_update:
+        state_dict.pop(prefix + "embed_sum", None)
+    return state_dict
+
+
 def reject_options(class_name: str, options: dict) -> None:
     """TypeError naming ``class_name`` (the class the user called) for ``options`` it does not
     take, and what to do."""
@@ -512,8 +534,10 @@ class VectorQuantizer(nn.Module):
         codes = torch.where((per_head >= 0)[..., None], codes, 0.0)
         return codes.reshape(per_head.shape[0], -1), lead_shape
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a trained vector-quantize-pytorch VectorQuantize loads as it is
+        convert_vector_quantize_state_dict(state_dict, prefix, ema_update=self.ema_update)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._kmeans_done_cache = bool(self.kmeans_done)  # one host read, at load time
 
     def _apply(self, fn, recurse=True):
