@@ -292,6 +292,10 @@ def test_sigint_saves_the_step_and_a_bare_resume_matches_an_uninterrupted_run(tm
     assert configs[0] == configs[1]
     rows = (cut / "metrics.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5]
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (cut / "last.safetensors", cut / "reconstruction_000005.png"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # not mkstemp's 0600
 
 
 def _fake_run(folder, **config):
