@@ -172,6 +172,8 @@ def _eval(arguments: list[str]) -> int:
         print("lgvq eval: give the checkpoint path first\n" + USAGE, file=sys.stderr)
         return 2
     options = _eval_options(arguments[1:])
+    print(f"lgvq eval: loading {arguments[0]} and evaluating its held-out images...",
+          file=sys.stderr, flush=True)
     report = evaluate_checkpoint(arguments[0], out=options.get("out") or None,
                                  images=options.get("images") or None,
                                  device=options.get("device", "auto"))
