@@ -88,11 +88,13 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
 
-        stages = 1 if self.shared_codebook else num_quantizers
-        self.quantizers = nn.ModuleList([
-            VectorQuantizer(codebook_dim, codebook_size, check_finite=False, backend=backend,
-                            **quantizer_kwargs)
-            for _ in range(stages)])
+        # every stage is built, also with a shared codebook (then only the first is kept), so
+        # that construction draws as many random numbers as vector-quantize-pytorch's and a
+        # script's later draws (its data) are the same
+        stages = [VectorQuantizer(codebook_dim, codebook_size, check_finite=False,
+                                  backend=backend, **quantizer_kwargs)
+                  for _ in range(num_quantizers)]
+        self.quantizers = nn.ModuleList(stages[:1] if self.shared_codebook else stages)
 
     def quantizer(self, stage: int) -> VectorQuantizer:
         return self.quantizers[0 if self.shared_codebook else stage]
