@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import shutil
 import sys
@@ -200,7 +201,7 @@ def _raised_by_data_loading(error: BaseException) -> bool:
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    data = str(Path(lgvq.config.__file__).parent / "data")
+    data = str(Path(lgvq.config.__file__).parent / "data") + os.sep  # not data_parallel.py
     return frame is not None and frame.tb_frame.f_code.co_filename.startswith(data)
 
 

@@ -7,6 +7,8 @@ to recompute, saves the buffer itself for the backward and re-clones it there, a
 in-graph update: the commitment gradient then used the updated codes (max input-gradient error
 4.4e-3 on an 8-dim, 16-code layer; tests/modules/test_quantizer_compile.py). A custom op is
 opaque to the partitioner and to inductor's no-op removal, so its output is saved as computed.
+Its eager cost over a plain clone is the custom-op dispatch: 61 vs 38 us for a [1024, 256]
+codebook on one CPU thread, once per training forward.
 """
 
 from __future__ import annotations
