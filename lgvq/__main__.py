@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import dataclasses
+import csv
 import inspect
 import os
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,13 +100,71 @@ def _train_help() -> None:
           "`lgvq presets` shows what each preset sets.\nWith --resume the run's stored config "
           f"is used; only {', '.join('--' + k for k in RESUME_SAFE_KEYS[:5])} may change.\n"
           "\noptions:")
-    _print_options(train_options())
+    _print_options(train_options() + [Option(
+        "tensorboard", "true|false", False, "also log the metrics.csv rows to out_dir/tensorboard "
+        "(needs the tensorboard package; not stored in the run's config)")])
 
 
 def _eval_help() -> None:
     print("usage: lgvq eval CHECKPOINT [--key=value ...]\n\noptions:")
     _print_options([Option(name, _kind(kind.__name__), default, text)
                     for name, (kind, default, text) in EVAL_OPTIONS.items()])
+
+
+class TensorBoardMirror:
+    """Mirrors the rows of a run's metrics.csv into TensorBoard event files in
+    ``out_dir/tensorboard`` while it trains (polled every ``interval`` seconds, and once more
+    when closed), so training itself knows nothing of TensorBoard."""
+
+    def __init__(self, out_dir: Path, interval: float = 2.0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install "
+                             "tensorboard); the metrics are in metrics.csv without it") from None
+        self.metrics = out_dir / "metrics.csv"
+        self.folder = out_dir / "tensorboard"
+        self.writer = None
+        self.writer_class = SummaryWriter
+        self.logged_step = self._last_step() if self.folder.exists() else 0
+        self.interval = interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _rows(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics, newline="") as stream:
+            return list(csv.DictReader(stream))
+
+    def _last_step(self) -> int:
+        return max((int(row["step"]) for row in self._rows()), default=0)
+
+    def sync(self) -> None:
+        for row in self._rows():
+            step = int(row["step"])
+            if step <= self.logged_step:
+                continue
+            if self.writer is None:  # the folder appears with the first row
+                self.writer = self.writer_class(str(self.folder))
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", float(value), step)
+            self.logged_step = step
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sync()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sync()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _wants_help(arguments: list[str]) -> bool:
@@ -116,6 +176,8 @@ def _train(arguments: list[str]) -> int:
         _train_help()
         return 0
     overrides = parse_overrides(arguments)
+    # a command-line option, not part of the run's config
+    tensorboard = _flag("tensorboard", overrides.pop("tensorboard", "false"))
     if overrides.get("resume", "false").lower() in ("1", "true", "yes", "on"):
         # the run's own config, from its checkpoint; flags may only change what is safe
         out_dir = overrides.pop("out_dir", None) or build_config(
@@ -126,6 +188,7 @@ def _train(arguments: list[str]) -> int:
         config = build_config(preset, overrides)
     out_dir = Path(config.out_dir)
     new_folder = not out_dir.exists()
+    mirror = TensorBoardMirror(out_dir) if tensorboard else None
     try:
         path = train(config)
     except TrainingInterrupted as stop:
@@ -140,8 +203,19 @@ def _train(arguments: list[str]) -> int:
     except BaseException:
         _remove_if_empty(out_dir, new_folder)  # a failed start leaves no empty run folder
         raise
+    finally:
+        if mirror is not None:
+            mirror.close()
     print(f"lgvq: checkpoint written to {path}")
     return 0
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"--{name} expects true/false, got {value!r}")
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:

@@ -3,6 +3,9 @@ meaning; `lgvq presets` shows what each preset sets; mistakes are one line namin
 
 import dataclasses
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +67,42 @@ def test_unreadable_jsonl_data_set_is_one_line_and_leaves_no_run_folder(tmp_path
     assert last.startswith("lgvq train: error: JSONL manifest") and "Traceback" not in err
     assert "none of the 4 images could be read" in last
     assert not out_dir.exists()
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    code, _, err = run(capsys, "train", "--tensorboard", f"--out_dir={tmp_path / 'run'}")
+    assert code == 2 and err.count("\n") == 1
+    assert "--tensorboard needs the tensorboard package" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_mirror_logs_each_metrics_row_once(tmp_path, monkeypatch):
+    from lgvq.__main__ import TensorBoardMirror
+
+    scalars = []
+
+    class SummaryWriter:  # records what torch.utils.tensorboard's writer would be given
+        def __init__(self, folder):
+            Path(folder).mkdir(exist_ok=True)
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss,psnr\n5,0.5,10.0\n10,0.25,12.0\n")
+    TensorBoardMirror(tmp_path, interval=60).close()
+    assert scalars == [("train/loss", 0.5, 5), ("train/psnr", 10.0, 5),
+                       ("train/loss", 0.25, 10), ("train/psnr", 12.0, 10)]
+    resumed = TensorBoardMirror(tmp_path, interval=60)  # rows already mirrored are skipped
+    metrics.write_text(metrics.read_text() + "15,0.125,13.0\n")  # the resumed run goes on
+    resumed.close()
+    assert scalars[4:] == [("train/loss", 0.125, 15), ("train/psnr", 13.0, 15)]
