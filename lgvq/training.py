@@ -12,6 +12,8 @@ import enum
 import io
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lgvq.alignment import draw_mask_ratio
-from lgvq.checkpoint import load_checkpoint, save_checkpoint
+from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from lgvq.config import TrainConfig
 from lgvq.data import ALL_ATTRIBUTE_WORDS, dataset_captions, draw_one_caption_per_image
 from lgvq.data import build_dataset as build_named_dataset
@@ -296,7 +298,10 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
             lr=config.disc_learning_rate or config.learning_rate, betas=tuple(config.adam_betas))
 
     start_step = 0
+    if config.resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: nothing to resume, {checkpoint_path} does not exist")
     if config.resume and checkpoint_path.exists():
+        check_resumable(read_checkpoint_metadata(checkpoint_path)["config"], config)
         meta = load_checkpoint(checkpoint_path, model=model, optimizers=optimizers,
                                modules=modules)
         start_step = meta["step"]
@@ -315,7 +320,13 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
                desc="lgvq-train" if config.language_guidance else "vq-train")
     last_time, last_step = time.perf_counter(), start_step
     model.train()
-    for step in bar:
+
+    def save_interrupted(done: int) -> Path:
+        return save_checkpoint(checkpoint_path, model=model, optimizers=optimizers, step=done,
+                               config=config.to_dict(), modules=modules)
+
+    for step in steps_until_interrupted(bar, config.steps, save_interrupted,
+                                        enabled=parallel.world == 1):
         # the global batch, captions and masks are drawn alike on every rank; each keeps its rows
         batch = load_batch(dataset, config, step)
         text = text_cache.encode(batch.captions)
@@ -388,6 +399,86 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
     return checkpoint_path
 
 
+# ----------------------------------------------------------------------------------------------
+# resuming and interrupting
+# ----------------------------------------------------------------------------------------------
+
+# What a resumed run may change: how long it runs and how often it writes, not what it trains.
+RESUME_SAFE_KEYS = ("steps", "log_every", "checkpoint_every", "sample_every", "threads",
+                    "out_dir", "resume")
+
+
+def check_resumable(stored: dict, config: TrainConfig) -> None:
+    """ValueError naming the first option that differs between the checkpoint's ``stored``
+    config and ``config`` other than ``RESUME_SAFE_KEYS``."""
+    current = config.to_dict()
+    saved = TrainConfig.from_dict({k: v for k, v in stored.items() if k in current}).to_dict()
+    for key, value in current.items():
+        if key not in RESUME_SAFE_KEYS and key in stored and saved[key] != value:
+            raise ValueError(f"--{key}={_flag_value(value)} differs from the run being resumed "
+                             f"(--{key}={_flag_value(saved[key])}); with --resume only "
+                             f"{', '.join('--' + k for k in RESUME_SAFE_KEYS[:5])} may change")
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def resume_config(out_dir: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
+    """The config that continues the run in ``out_dir``: the one stored in its checkpoint, with
+    ``overrides`` (``{"steps": "100"}``) of the keys in ``RESUME_SAFE_KEYS``; any other key
+    must keep its stored value (ValueError naming it). FileNotFoundError when there is no
+    checkpoint to resume."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist")
+    stored = dict(read_checkpoint_metadata(path)["config"])
+    names = set(TrainConfig().to_dict())
+    stored = {k: v for k, v in stored.items() if k in names}  # keys of older versions
+    config = TrainConfig.from_dict({**stored, **(overrides or {}), "out_dir": str(out_dir),
+                                    "resume": True})
+    check_resumable(stored, config)
+    return config
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (Ctrl-C) stopped training after a whole step; its checkpoint was written."""
+
+    def __init__(self, checkpoint: Path, step: int, steps: int):
+        super().__init__(f"interrupted after step {step}/{steps}; checkpoint written to "
+                         f"{checkpoint}")
+        self.checkpoint, self.step, self.steps = checkpoint, step, steps
+
+
+def steps_until_interrupted(steps, total: int, save, *, enabled: bool = True):
+    """Yield ``steps``; a SIGINT during a step lets that step finish, then ``save(done)``
+    writes the checkpoint and :class:`TrainingInterrupted` is raised (a resumed run continues
+    bit for bit). A second SIGINT interrupts at once (KeyboardInterrupt). The previous handler
+    is back when the loop ends. ``enabled`` False (several ranks, or not the main thread):
+    plain iteration, since ranks would stop at different steps."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield from steps
+        return
+    requested = []
+
+    def handler(signum, frame):
+        if requested:  # asked twice: stop now
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        for step in steps:
+            yield step
+            if requested and step + 1 < total:
+                raise TrainingInterrupted(save(step + 1), step + 1, total)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _truncate_csv(path: Path, last_step: int) -> None:
     """Keep only the rows with step <= last_step (all of them are rewritten atomically)."""
     if not path.exists():
@@ -420,4 +511,5 @@ def _append_csv(path: Path, row: dict) -> None:
 
 __all__ = ["train", "build_model", "build_backbone", "build_dataset", "batch_indices",
            "load_batch", "mask_words", "quantizer_kwargs", "step_generator", "RandomStream",
-           "CHECKPOINT_NAME"]
+           "CHECKPOINT_NAME", "RESUME_SAFE_KEYS", "TrainingInterrupted", "resume_config",
+           "check_resumable"]

@@ -242,3 +242,94 @@ def test_other_quantizers_train_and_evaluate(tmp_path, quantizer):
     scores = json.loads((out / "metrics.json").read_text())
     assert scores["step"] == 3 and scores["images"] == 16
     assert 0.0 < scores["codebook_usage"] <= 1.0 and scores["psnr_db"] > 0
+
+
+# a run that sends itself SIGINT while step 2 loads its batch, as Ctrl-C would
+_INTERRUPT_AT_STEP_2 = """
+import os, signal, sys
+import lgvq.training as training
+from lgvq.__main__ import main
+load_batch = training.load_batch
+def interrupting(dataset, config, step):
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return load_batch(dataset, config, step)
+training.load_batch = interrupting
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigint_saves_the_step_and_a_bare_resume_matches_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    common = ["--preset=shapes-tiny", "--steps=5", "--checkpoint_every=100", "--log_every=1",
+              "--threads=1"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    subprocess.run([sys.executable, "-m", "lgvq", "train", f"--out_dir={straight}", *common],
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", _INTERRUPT_AT_STEP_2, "train",
+                             f"--out_dir={cut}", *common], env=env, cwd=ROOT, timeout=600,
+                            capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "lgvq train: interrupted after step 3/5; checkpoint written to")
+    assert read_checkpoint_metadata(cut / "last.safetensors")["step"] == 3
+    # the README's form: the stored config, nothing retyped
+    subprocess.run([sys.executable, "-m", "lgvq", "train", f"--out_dir={cut}", "--resume"],
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+
+    expected, got = (load_file(str(folder / "last.safetensors")) for folder in (straight, cut))
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    configs = [read_checkpoint_metadata(folder / "last.safetensors")["config"]
+               for folder in (straight, cut)]
+    for config in configs:
+        del config["out_dir"], config["resume"]
+    assert configs[0] == configs[1]
+    rows = (cut / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5]
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (cut / "last.safetensors", cut / "reconstruction_000005.png"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # not mkstemp's 0600
+
+
+def _fake_run(folder, **config):
+    """A checkpoint holding ``config`` (the shapes preset's, with changes): enough for
+    resume_config, which reads only the metadata."""
+    values = {**build_config("shapes").to_dict(), "out_dir": str(folder), **config}
+    save_checkpoint(folder / "last.safetensors", model=torch.nn.Linear(1, 1), optimizers={},
+                    step=3, config=values)
+
+
+def test_resume_takes_the_stored_config_and_allows_only_safe_changes(tmp_path):
+    from lgvq.training import resume_config
+
+    _fake_run(tmp_path, language_guidance=False, code_dim=8, preset="shapes-tiny")
+    config = resume_config(tmp_path, {"steps": "50", "log_every": "2", "threads": "1"})
+    assert (config.language_guidance, config.code_dim, config.steps, config.log_every,
+            config.resume, config.preset) == (False, 8, 50, 2, True, "shapes-tiny")
+    assert resume_config(tmp_path, {"code_dim": "8"}).code_dim == 8  # retyped, unchanged
+    with pytest.raises(ValueError, match=r"--language_guidance=true differs from the run being "
+                                         r"resumed \(--language_guidance=false\)"):
+        resume_config(tmp_path, {"language_guidance": "true"})
+    with pytest.raises(ValueError, match="--preset=shapes differs"):
+        resume_config(tmp_path, {"preset": "shapes"})
+    with pytest.raises(FileNotFoundError, match="--resume: nothing to resume"):
+        resume_config(tmp_path / "empty")
+
+
+def test_cli_resume_errors_are_one_line(tmp_path, capsys):
+    from lgvq.__main__ import main
+
+    # --steps=1: before the fix this silently trained a new run
+    assert main(["train", f"--out_dir={tmp_path / 'missing'}", "--resume", "--steps=1"]) == 2
+    assert not (tmp_path / "missing").exists()
+    _fake_run(tmp_path)
+    assert main(["train", f"--out_dir={tmp_path}", "--resume", "--batch_size=3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 1 and "--batch_size=3 differs" in error.splitlines()[-1]

@@ -48,6 +48,16 @@ class LanguageLosses(NamedTuple):
     visual_tokens: Tensor  # Zvt [B, M + 1, C]
 
 
+class LGVQOutput(NamedTuple):
+    """What :meth:`LGVQ.forward` returns for a batch."""
+
+    loss: Tensor  # vq_loss + language.total; add the tokenizer's reconstruction loss to it
+    reconstruction: Tensor  # tokenizer.decode(zq_st), the images' shape
+    vq_loss: Tensor  # the tokenizer's quantizer loss (from encode)
+    language: LanguageLosses  # the weighted total and each LG-VQ loss
+    indices: Tensor  # the code indices from encode
+
+
 class LGVQ(nn.Module):
     """Language guidance heads around a VQ tokenizer.
 
@@ -125,6 +135,21 @@ class LGVQ(nn.Module):
         w = self.weights
         total = w.alpha * gsa + w.beta * mtp + w.gamma * ras
         return LanguageLosses(total, gsa, mtp, ras, visual)
+
+    def forward(self, images: Tensor, text: TextFeatures, masked: Tensor,
+                context: Tensor | None = None) -> LGVQOutput:
+        """One batch through the tokenizer and the language heads.
+
+        images: what ``tokenizer.encode`` takes (``[B, 3, H, W]``); text: the features of one
+        caption per image (``TextEncoder.encode``); masked bool ``[B, T]``: the word slots the
+        masked-text head predicts (``TextEncoder.mask_tokens``); context: as for
+        :meth:`language_losses`. Returns :class:`LGVQOutput`; train on ``output.loss`` plus
+        your reconstruction loss of ``output.reconstruction`` (and a GAN term, if any).
+        """
+        _, zq_st, indices, vq_loss, _ = self.tokenizer.encode(images)
+        reconstruction = self.tokenizer.decode(zq_st)
+        language = self.language_losses(zq_st, text, masked, context)
+        return LGVQOutput(vq_loss + language.total, reconstruction, vq_loss, language, indices)
 
     def predict_masked_words(self, zq_st: Tensor, context: Tensor, masked: Tensor,
                              attention_mask: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from lgvq.quantizers.clustered import ClusteredVectorQuantizer
 from lgvq.quantizers.residual import ResidualVQ
 from lgvq.quantizers.taming import TamingVectorQuantizer
 from lgvq.quantizers.types import CodebookUsage, LossBreakdown
-from lgvq.quantizers.vector_quantizer import VectorQuantizer
+from lgvq.quantizers.vector_quantizer import VectorQuantizer, convert_vector_quantize_state_dict
 
 __all__ = [
     "QUANTIZER_KINDS",
@@ -30,4 +30,5 @@ __all__ = [
     "TamingVectorQuantizer",
     "VectorQuantizer",
     "build_quantizer",
+    "convert_vector_quantize_state_dict",
 ]

@@ -55,12 +55,13 @@ def build_quantizer(kind: str, dim: int, codebook_size: int, *, commitment_weigh
                                         codebook_weight=codebook_weight, backend=backend)
     if kind == "learnable":
         return VectorQuantizer(dim=dim, codebook_size=codebook_size, learnable_codebook=True,
-                               ema_update=False, commitment_weight=commitment_weight,
+                               rotation_trick=False, ema_update=False, commitment_weight=commitment_weight,
                                codebook_weight=codebook_weight, backend=backend)
     if ema_decay is None or dead_code_threshold is None:
         raise ValueError("the ema quantizer needs ema_decay and dead_code_threshold")
+    # straight-through, as LG-VQ and taming train (rotation_trick would default on)
     return VectorQuantizer(dim=dim, codebook_size=codebook_size, decay=ema_decay,
-                           ema_update=True, commitment_weight=commitment_weight,
+                           rotation_trick=False, ema_update=True, commitment_weight=commitment_weight,
                            codebook_weight=codebook_weight,
                            threshold_ema_dead_code=dead_code_threshold, kmeans_init=True,
                            kmeans_iters=_KMEANS_ITERATIONS, backend=backend)

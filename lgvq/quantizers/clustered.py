@@ -134,7 +134,7 @@ class ClusteredVectorQuantizer(nn.Module):
             quantized = torch.where(rows_mask[:, None], quantized, rows)
         outputs = (self.layout.from_rows(quantized, lead_shape), indices.reshape(lead_shape), loss)
         if return_loss_breakdown:
-            outputs += (LossBreakdown(commitment, codebook_loss, contrastive),)
+            outputs += (LossBreakdown.of(commitment, codebook_loss, contrastive),)
         if return_usage:
             counts = code_counts(indices[None], self.codebook_size)
             outputs += (codebook_usage_from_counts(counts),)

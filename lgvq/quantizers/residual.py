@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import LossBreakdown
-from lgvq.quantizers.vector_quantizer import VectorQuantizer, check_backend
+from lgvq.quantizers.vector_quantizer import (
+    VectorQuantizer,
+    check_backend,
+    projected_dtype,
+    reject_options,
+)
 from lgvq_kernels.functional import check_all_finite
 
 # Arguments ResidualVQ owns itself (layout, projections) and does not hand to its stages.
@@ -26,11 +33,12 @@ class ResidualVQ(nn.Module):
       codebook_dim: code size; ``nn.Linear`` projections in and out when it differs from dim.
       shared_codebook: one codebook for every stage (RQ-VAE). Its EMA statistics are summed over
         the stages and applied once per forward (vector-quantize-pytorch decays once per stage).
-      quantize_dropout: probability, per sample of the batch (first axis) and training step, of
-        keeping only the first n stages, n drawn uniformly in [cutoff + 1, Q]. Dropped stages
-        get index -1 and add nothing; ``True`` means 1.0. Drawn on device for each sample, so
-        every stage still runs (no host sync; every rank calls the same collectives).
-        vector-quantize-pytorch instead draws one n per batch, synchronised across ranks.
+      quantize_dropout: probability, per training step, of keeping only the first n stages for
+        the whole batch, n drawn uniformly in [cutoff + 1, Q] (``True``: every step, as
+        vector-quantize-pytorch). Dropped stages get index -1, add nothing and have loss 0.
+        Drawn on device, so every stage still runs (no host sync; every rank calls the same
+        collectives); each rank draws from its own generator (vector-quantize-pytorch
+        synchronises the draw across ranks).
       quantize_dropout_cutoff_index: stages 0..cutoff are never dropped.
       accept_image_fmap, channel_last, check_finite, backend: as for VectorQuantizer.
       **quantizer_kwargs: passed to every stage's VectorQuantizer (decay, eps,
@@ -56,6 +64,9 @@ class ResidualVQ(nn.Module):
         if quantize_dropout_cutoff_index >= num_quantizers:
             raise ValueError(f"quantize_dropout_cutoff_index must be < num_quantizers "
                              f"({num_quantizers}), got {quantize_dropout_cutoff_index}")
+        stage_options = set(inspect.signature(VectorQuantizer).parameters) - {"unsupported"}
+        reject_options(type(self).__name__,
+                       {k: v for k, v in quantizer_kwargs.items() if k not in stage_options})
         reserved = sorted(set(quantizer_kwargs) & set(_RESERVED))
         if reserved:
             raise ValueError(f"ResidualVQ does not accept {reserved} for its stages (heads must "
@@ -77,11 +88,13 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
 
-        stages = 1 if self.shared_codebook else num_quantizers
-        self.quantizers = nn.ModuleList([
-            VectorQuantizer(codebook_dim, codebook_size, check_finite=False, backend=backend,
-                            **quantizer_kwargs)
-            for _ in range(stages)])
+        # every stage is built, also with a shared codebook (then only the first is kept), so
+        # that construction draws as many random numbers as vector-quantize-pytorch's and a
+        # script's later draws (its data) are the same
+        stages = [VectorQuantizer(codebook_dim, codebook_size, check_finite=False,
+                                  backend=backend, **quantizer_kwargs)
+                  for _ in range(num_quantizers)]
+        self.quantizers = nn.ModuleList(stages[:1] if self.shared_codebook else stages)
 
     def quantizer(self, stage: int) -> VectorQuantizer:
         return self.quantizers[0 if self.shared_codebook else stage]
@@ -135,16 +148,30 @@ class ResidualVQ(nn.Module):
         if self.training and self.shared_codebook:
             self._update_shared_codebook_(searched)
 
-        quantized = self.project_out(quantized_sum).to(x.dtype)
+        # the stages sum in float32; project_out has the module's dtype (.half(), .bfloat16())
+        quantized = self.project_out(quantized_sum.to(residual.dtype)).to(x.dtype)
         if rows_mask is not None:
             quantized = torch.where(rows_mask[:, None], quantized, rows)
         indices = torch.stack(all_indices, dim=-1).reshape(*lead_shape, self.num_quantizers)
-        outputs = (self.layout.from_rows(quantized, lead_shape), indices, torch.stack(losses))
+        losses = torch.stack(losses)
+        if not self.training:  # vector-quantize-pytorch's convention: no loss in eval mode
+            losses = torch.zeros_like(losses)
+        outputs = (self.layout.from_rows(quantized, lead_shape), indices, losses)
         if return_loss_breakdown:
             commitment = torch.stack(commitments)
-            outputs += (LossBreakdown(commitment, torch.stack(codebook_losses),
-                                      torch.zeros_like(commitment)),)
+            outputs += (LossBreakdown.of(commitment, torch.stack(codebook_losses)),)
         return outputs
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # vector-quantize-pytorch's ResidualVQ keeps its stages in ``layers`` (with a shared
+        # codebook every stage holds the same tensors: the first one is kept)
+        marker = prefix + "layers."
+        for key in [k for k in state_dict if k.startswith(marker)]:
+            stage, _, rest = key[len(marker):].partition(".")
+            value = state_dict.pop(key)
+            if int(stage) < len(self.quantizers):
+                state_dict[f"{prefix}quantizers.{stage}.{rest}"] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices int64 ``[..., q]`` (q <= Q: the first q stages; -1 gives zeros) -> codes
@@ -162,7 +189,7 @@ class ResidualVQ(nn.Module):
         project_out, in forward's layout (``[B, dim, H, W]`` for image feature maps)."""
         summed = self.get_codes_from_indices(indices).sum(0)
         lead_shape = tuple(summed.shape[:-1])
-        rows = self.project_out(summed.reshape(-1, self.codebook_dim))
+        rows = self.project_out(projected_dtype(self, summed.reshape(-1, self.codebook_dim)))
         return self.layout.from_rows(rows, lead_shape)
 
     def _active_stages(self, lead_shape: tuple[int, ...], rows_count: int,
@@ -170,14 +197,13 @@ class ResidualVQ(nn.Module):
         """bool ``[M, Q]``: which stages each row uses this step (None: all of them)."""
         if not (self.training and self.quantize_dropout > 0 and self.num_quantizers > 1):
             return None
-        samples = lead_shape[0]
-        dropped = torch.rand(samples, device=device) < self.quantize_dropout
+        # one draw for the batch (vector-quantize-pytorch's semantics)
+        dropped = torch.rand((), device=device) < self.quantize_dropout
         last_stage = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers,
-                                   (samples,), device=device)
+                                   (), device=device)
         last_stage = torch.where(dropped, last_stage, self.num_quantizers - 1)
-        active = torch.arange(self.num_quantizers, device=device) <= last_stage[:, None]
-        rows_per_sample = rows_count // max(samples, 1)
-        return active.repeat_interleave(rows_per_sample, dim=0)
+        active = torch.arange(self.num_quantizers, device=device) <= last_stage
+        return active.expand(rows_count, self.num_quantizers)
 
     def _update_shared_codebook_(self, searched: list) -> None:
         rows, masks, indices = zip(*searched)

@@ -11,15 +11,30 @@ from torch import Tensor
 class LossBreakdown(NamedTuple):
     """Unweighted loss terms (float32 0-d tensors; ``[num_quantizers]`` for ResidualVQ).
 
+    The first four fields are vector-quantize-pytorch's ``LossBreakdown``, in its order:
     commitment: mean over valid rows and dimensions of |x - sg(e)|^2 (gradient to the input).
-    codebook: the same value, |sg(x) - e|^2, with its gradient to the codebook (only part of the
-      returned loss when the codebook is learnable).
+    codebook_diversity, orthogonal_reg, inplace_optimize: regularisers lgvq does not offer
+      (always zero).
+    Then lgvq's own:
+    codebook: the same value as commitment, |sg(x) - e|^2, with its gradient to the codebook
+      (only part of the returned loss when the codebook is learnable).
     contrastive: the CVQ contrastive term (zero for the other quantizers).
     """
 
     commitment: Tensor
+    codebook_diversity: Tensor
+    orthogonal_reg: Tensor
+    inplace_optimize: Tensor
     codebook: Tensor
     contrastive: Tensor
+
+    @classmethod
+    def of(cls, commitment: Tensor, codebook: Tensor,
+           contrastive: Tensor | None = None) -> LossBreakdown:
+        """The breakdown with the terms lgvq computes; the others are zeros."""
+        zero = torch.zeros_like(commitment)
+        return cls(commitment, zero, zero, zero, codebook,
+                   zero if contrastive is None else contrastive)
 
 
 class CodebookUsage(NamedTuple):

@@ -19,6 +19,7 @@ from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import kmeans, sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.rotation import rotate_onto_codes
+from lgvq.quantizers.snapshot import snapshot
 from lgvq.quantizers.types import (
     CodebookUsage,
     LossBreakdown,
@@ -35,10 +36,66 @@ from lgvq_kernels.functional import (
 
 BACKEND_CHOICES = ("auto", "reference", "native", "triton")
 
+# vector-quantize-pytorch options lgvq does not implement (README, "The drop-in quantizer")
+PEER_ONLY_OPTIONS = (
+    "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
+    "codebook_diversity_loss_weight", "codebook_diversity_temperature",
+    "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "directional_reparam",
+    "affine_param", "accept_3d_fmap", "layernorm_after_project_in", "freeze_codebook",
+    "manual_ema_update", "in_place_codebook_optimizer", "sync_update_v", "vq_bridge",
+    "commitment_use_cross_entropy_loss", "return_zeros_for_masked_padding", "reinmax",
+    "sync_kmeans", "sync_affine_param", "learnable_codebook_init", "implicit_neural_codebook",
+    "use_ddp", "codebook_transform", "kmeans_init_fn", "diveq",
+)
+
+
+# vector-quantize-pytorch's state-dict names -> ours (same shapes and meaning; the parity tests
+# compare these buffers directly)
+PEER_STATE_NAMES = {"_codebook.embed": "codebooks", "_codebook.cluster_size": "cluster_size",
+                    "_codebook.embed_avg": "embed_sum", "_codebook.initted": "kmeans_done"}
+
+
+def convert_vector_quantize_state_dict(state_dict: dict, prefix: str = "", *,
+                                       ema_update: bool = True) -> dict:
+    """A vector-quantize-pytorch ``VectorQuantize`` state dict (keys under ``prefix``) with
+    lgvq's names, in place; returned for convenience. ``project_in``/``project_out`` keep their
+    names. Without ``ema_update`` the peer's ``embed_avg`` (which it keeps even then) is
+    dropped. A state dict with lgvq's names is left as it is."""
+    if prefix + "_codebook.embed" not in state_dict:
+        return state_dict
+    for theirs, ours in PEER_STATE_NAMES.items():
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+    if not ema_update:
+        state_dict.pop(prefix + "embed_sum", None)
+    return state_dict
+
+
+def reject_options(class_name: str, options: dict) -> None:
+    """TypeError naming ``class_name`` (the class the user called) for ``options`` it does not
+    take, and what to do."""
+    if not options:
+        return
+    names = sorted(options)
+    peer = [name for name in names if name in PEER_ONLY_OPTIONS]
+    if peer:
+        raise TypeError(f"{class_name} does not offer vector-quantize-pytorch's {peer}: remove "
+                        "them (the README's 'The drop-in quantizer' lists what lgvq supports "
+                        "and how it differs)")
+    raise TypeError(f"{class_name} got unexpected keyword arguments {names}")
+
 
 def check_backend(backend) -> None:
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def projected_dtype(module: nn.Module, codes: Tensor) -> Tensor:
+    """codes (float32, from the codebook) in the dtype of ``module.project_out`` (the module's
+    dtype after .half()/.bfloat16()/.double()); unchanged without projections."""
+    if not module.has_projections:
+        return codes
+    return codes.to(module.project_out.weight.dtype)
 
 
 class QuantizedRows(NamedTuple):
@@ -82,7 +139,7 @@ class VectorQuantizer(nn.Module):
       threshold_ema_dead_code: codes whose EMA cluster size falls below this are replaced by
         vectors drawn at random from the batch (0 disables).
       rotation_trick: gradient through the rotation trick (Fifty et al. 2024) instead of
-        straight-through. Default False here; vector-quantize-pytorch turns it on for dim > 1.
+        straight-through. Default (None): on for dim > 1, as in vector-quantize-pytorch.
       sync_codebook: keep the codebook identical on every rank under torch.distributed (EMA
         statistics all-reduced as one packed buffer, k-means statistics all-reduced with the
         initial centroids broadcast, dead-code replacements broadcast from rank 0). None: on
@@ -99,9 +156,13 @@ class VectorQuantizer(nn.Module):
 
     Differences from vector-quantize-pytorch (same settings, same initial codebook: same
     indices, outputs, losses, gradients and EMA codebook, see tests/modules):
-      - rotation_trick defaults to False (theirs: True for dim > 1); ema_update defaults to
-        ``not learnable_codebook`` (theirs must be turned off by hand for a learnable codebook).
-      - The loss is also computed in eval mode; masked rows output x (theirs: zeros).
+      - ema_update defaults to ``not learnable_codebook`` (theirs must be turned off by hand for
+        a learnable codebook). Masked rows output x (theirs: zeros).
+      - In eval mode the loss is 0 as theirs, but return_loss_breakdown still measures the
+        terms (theirs: zeros).
+      - get_output_from_indices with heads sharing one codebook returns forward's output
+        ``[..., dim]`` (theirs: the codes ``[..., heads, codebook_dim]`` unprojected, and an
+        error when there is a projection).
       - Learnable codebook: loss = beta * commitment + codebook_weight * codebook. Theirs
         is commitment_weight * mse with gradient to both sides: the same gradients when
         codebook_weight == commitment_weight, twice the value. Cosine + learnable is allowed.
@@ -121,10 +182,12 @@ class VectorQuantizer(nn.Module):
                  learnable_codebook: bool = False, commitment_weight: float = 1.0,
                  codebook_weight: float = 1.0, use_cosine_sim: bool = False,
                  kmeans_init: bool = False, kmeans_iters: int = 10,
-                 threshold_ema_dead_code: float = 0.0, rotation_trick: bool = False,
+                 threshold_ema_dead_code: float = 0.0, rotation_trick: bool | None = None,
                  sync_codebook: bool | None = None, accept_image_fmap: bool = False,
-                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto"):
+                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto",
+                 **unsupported):
         super().__init__()
+        reject_options(type(self).__name__, unsupported)
         codebook_dim = dim if codebook_dim is None else codebook_dim
         ema_update = (not learnable_codebook) if ema_update is None else bool(ema_update)
         check_positive_int("dim", dim)
@@ -160,7 +223,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init = bool(kmeans_init)
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
-        self.rotation_trick = bool(rotation_trick)
+        # vector-quantize-pytorch's default: on when there is more than one feature
+        self.rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
         self.sync_codebook = sync_codebook
         self.check_finite = bool(check_finite)
         self.backend = backend
@@ -184,7 +248,10 @@ class VectorQuantizer(nn.Module):
         if self.ema_update:
             self.register_buffer("embed_sum", codebooks.clone())
         self.register_buffer("kmeans_done", torch.tensor(not self.kmeans_init))
-        self._kmeans_done_cache: bool | None = None
+        # the buffer's value as a Python bool, so forward never reads it back from the device
+        # (a host sync, and a graph break under torch.compile(fullgraph=True)); set again
+        # whenever a state dict is loaded
+        self._kmeans_done_cache = not self.kmeans_init
 
     # ----------------------------------------------------------------------------------------
     # public API
@@ -208,8 +275,7 @@ class VectorQuantizer(nn.Module):
           indices: int64 x's shape without the feature axis, with a trailing ``heads`` axis
             when heads > 1.
           loss: float32 0-d, ``commitment_weight * commitment`` (+ ``codebook_weight *
-            codebook`` for a learnable codebook). Computed in eval mode too (vector-quantize-
-            pytorch returns 0 there).
+            codebook`` for a learnable codebook); 0 in eval mode, as vector-quantize-pytorch.
         In training mode the codebook is updated (EMA, k-means init, dead-code replacement).
         """
         rows, lead_shape = self.layout.to_rows(x)
@@ -229,11 +295,12 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment_weight * result.commitment
         if self.learnable_codebook:
             loss = loss + self.codebook_weight * result.codebook_loss
+        if not self.training:  # vector-quantize-pytorch's convention: no loss in eval mode
+            loss = torch.zeros_like(loss)
 
         outputs = (quantized, indices, loss)
         if return_loss_breakdown:
-            contrastive = torch.zeros_like(result.commitment)
-            outputs += (LossBreakdown(result.commitment, result.codebook_loss, contrastive),)
+            outputs += (LossBreakdown.of(result.commitment, result.codebook_loss),)
         if return_usage:
             outputs += (self.usage_from_indices(result.indices),)
         return outputs
@@ -267,7 +334,7 @@ class VectorQuantizer(nn.Module):
         """What forward would output for ``indices``: the codes through ``project_out``, in
         forward's layout with ``dim`` channels."""
         codes, lead_shape = self._codes_as_rows(indices)
-        return self.layout.from_rows(self.project_out(codes), lead_shape)
+        return self.layout.from_rows(self.project_out(projected_dtype(self, codes)), lead_shape)
 
     def usage_from_indices(self, indices: Tensor) -> CodebookUsage:
         """indices int64 ``[M, heads]`` (-1 ignored) -> usage of each codebook, averaged."""
@@ -318,6 +385,9 @@ class VectorQuantizer(nn.Module):
             index_rows = indices[0].reshape(rows_count, self.heads)
         if mask is not None:
             index_rows = torch.where(mask[:, None], index_rows, -1)
+        # the codes come back float32 (cosine search and the float32 codebook); a module moved
+        # with .half() has a half project_out
+        quantized_rows = quantized_rows.to(features.dtype)
         return QuantizedRows(quantized_rows, index_rows,
                              torch.stack(commitments).float().mean(),
                              torch.stack(codebook_losses).float().mean(),
@@ -386,8 +456,8 @@ class VectorQuantizer(nn.Module):
             return F.normalize(self.codebooks, dim=-1) if self.use_cosine_sim else self.codebooks
         if self.training and (self.ema_update or self.threshold_ema_dead_code > 0):
             # the update at the end of this forward rewrites the buffer in place; the backward
-            # of this step needs the codes it was computed with
-            return self.codebooks.clone()
+            # of this step needs the codes it was computed with (a copy torch.compile keeps)
+            return snapshot(self.codebooks)
         return self.codebooks
 
     def _dead_code_candidates(self, searched_rows: list, searched_masks: list,
@@ -421,8 +491,6 @@ class VectorQuantizer(nn.Module):
             self.codebooks.copy_(fresh)
 
     def _is_kmeans_done(self) -> bool:
-        if self._kmeans_done_cache is None:  # one host read, then cached
-            self._kmeans_done_cache = bool(self.kmeans_done)
         return self._kmeans_done_cache
 
     @torch.no_grad()
@@ -466,9 +534,11 @@ class VectorQuantizer(nn.Module):
         codes = torch.where((per_head >= 0)[..., None], codes, 0.0)
         return codes.reshape(per_head.shape[0], -1), lead_shape
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._kmeans_done_cache = None
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a trained vector-quantize-pytorch VectorQuantize loads as it is
+        convert_vector_quantize_state_dict(state_dict, prefix, ema_update=self.ema_update)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._kmeans_done_cache = bool(self.kmeans_done)  # one host read, at load time
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) must not round the EMA state: keep those buffers float32, moved to

@@ -262,3 +262,15 @@ def test_usage_counts_codes(backend):
     assert indices.tolist() == [[0, 1, 0, 1]]
     torch.testing.assert_close(usage.used_fraction, torch.tensor(0.5))
     torch.testing.assert_close(usage.perplexity, torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda **kw: lgvq.VectorQuantizer(8, 16, **kw), "VectorQuantizer"),
+    (lambda **kw: lgvq.ResidualVQ(8, 2, 16, **kw), "ResidualVQ"),
+])
+def test_unsupported_peer_options_name_the_class_called(make, name):
+    with pytest.raises(TypeError, match=rf"^{name} does not offer vector-quantize-pytorch's "
+                                        r"\['orthogonal_reg_weight'\]: remove them"):
+        make(orthogonal_reg_weight=0.1)
+    with pytest.raises(TypeError, match=rf"^{name} got unexpected keyword arguments \['colour'\]"):
+        make(colour=1)

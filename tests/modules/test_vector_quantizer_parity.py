@@ -22,7 +22,7 @@ SETTINGS = {
     "shared_heads": dict(heads=2, codebook_dim=8),
     "projections": dict(codebook_dim=6),
     "learnable": dict(learnable_codebook=True, ema_update=False, commitment_weight=0.5),
-    "rotation_trick": dict(rotation_trick=True),
+    "straight_through": dict(rotation_trick=False),
     "channel_first": dict(channel_last=False),
     "image_fmap": dict(accept_image_fmap=True),
     "commitment_weight": dict(commitment_weight=0.25, decay=0.9, eps=1e-3),
@@ -31,10 +31,9 @@ SETTINGS = {
 
 def make_pair(backend, dim=16, codebook_size=32, use_mask=False, **settings):
     torch.manual_seed(0)
-    theirs_settings = dict(settings)
-    theirs_settings.setdefault("rotation_trick", False)
+    # their defaults, rotation_trick included (on for dim > 1), must be ours
     theirs = vector_quantize_pytorch.VectorQuantize(dim=dim, codebook_size=codebook_size,
-                                                    **theirs_settings)
+                                                    **settings)
     ours_settings = dict(settings)
     if settings.get("learnable_codebook"):  # vector-quantize-pytorch trains the codebook with
         # the commitment term itself: the same gradients as codebook_weight = commitment_weight
