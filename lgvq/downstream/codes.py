@@ -148,6 +148,10 @@ class CodeSplit:
     def grid(self) -> tuple[int, int]:
         return int(self.codes.shape[1]), int(self.codes.shape[2])
 
+    def key_digest(self) -> str:
+        """A short hex digest of ``key`` (file names of what is derived from this split)."""
+        return hashlib.sha256(self.key.encode()).hexdigest()[:20]
+
     def sequences(self) -> torch.Tensor:
         """int64 ``[N, h * w]``: the grids in raster order (the order the transformer reads)."""
         return self.codes.reshape(len(self), -1)
@@ -189,8 +193,8 @@ def encode_split(tokenizer: FrozenTokenizer, split: str, images: int, cache_dir:
         raise ValueError(f"images must be a non-negative int, got {images!r}")
     key = data_key(tokenizer, split, images)
     key_text = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(key_text.encode()).hexdigest()
-    path = Path(cache_dir) / f"codes-{split}-{digest[:20]}.safetensors" if cache_dir else None
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"codes-{split}-{digest}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         cached = _read_cache(path, key_text)
         if cached is not None:
