@@ -4,6 +4,7 @@
   lgvq train --out_dir=runs/x --resume               continue from runs/x/last.safetensors
   lgvq eval CHECKPOINT [--out=report.md] [--images=N] evaluate a checkpoint into a report
   lgvq presets                                       list presets and config keys
+  lgvq downstream TASK --tokenizer=CKPT              generation on a tokenizer's codes (--help)
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
+    if verb == "downstream":  # its own parser, errors and --help (lgvq.downstream.cli)
+        from lgvq.downstream.cli import main as downstream_main
+        return downstream_main(rest)
     try:
         if verb == "train":
             return _train(rest)

@@ -68,7 +68,7 @@ class DownstreamConfig:
     out_dir: str = "runs/downstream/run"  # checkpoint, metrics.csv, grids, report.md
     cache_dir: str = "runs/downstream/cache"  # encoded codes and text features ("" = none)
     train_images: int = 1024  # items of the training split encoded (0 = a whole folder set)
-    eval_images: int = 64  # held-out items (the validation split) scored
+    eval_images: int = 64  # held-out items (the validation split) scored (0 = a whole folder set)
     # --- model ------------------------------------------------------------------------------
     width: int = 128
     layers: int = 4
@@ -120,9 +120,9 @@ class DownstreamConfig:
                      "log_every", "checkpoint_every", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.eval_images < 1 or self.train_images < 0:
-            raise ValueError("--eval_images must be >= 1 and --train_images >= 0, got "
-                             f"{self.eval_images}, {self.train_images}")
+        if self.eval_images < 0 or self.train_images < 0:
+            raise ValueError("--train_images and --eval_images must be >= 0 (0 = a whole folder "
+                             f"set), got {self.train_images}, {self.eval_images}")
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"--condition_dropout must be in [0, 1), got "
                              f"{self.condition_dropout!r}")
