@@ -148,10 +148,6 @@ class CodeSplit:
     def grid(self) -> tuple[int, int]:
         return int(self.codes.shape[1]), int(self.codes.shape[2])
 
-    def key_digest(self) -> str:
-        """A short hex digest of ``key`` (file names of what is derived from this split)."""
-        return hashlib.sha256(self.key.encode()).hexdigest()[:20]
-
     def sequences(self) -> torch.Tensor:
         """int64 ``[N, h * w]``: the grids in raster order (the order the transformer reads)."""
         return self.codes.reshape(len(self), -1)

@@ -113,9 +113,7 @@ def evaluate_task(config: DownstreamConfig, checkpoint: str | Path, tokenizer: F
     device = resolve_device(config.device)
     out_dir = Path(out_dir or Path(checkpoint).parent)
     split = encode_split(tokenizer, "val", config.eval_images, code_cache_dir(config))
-    cache = code_cache_dir(config)
-    text_path = str(Path(cache) / f"text-{split.key_digest()}.safetensors") if cache else None
-    data = prepare_data(config, tokenizer, split, text_path)
+    data = prepare_data(config, tokenizer, split)
     model = load_task_model(checkpoint, config, tokenizer, device)
     count = min(config.samples, len(split)) if config.task != "generate" else config.samples
     scored = min(count, len(split))  # real items beside the generated ones

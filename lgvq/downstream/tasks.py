@@ -45,7 +45,7 @@ from lgvq.data import COLOUR_NAMES, SHAPE_NAMES, SceneAttributes, draw_one_capti
 from lgvq.data.shapes.rendering import object_masks
 from lgvq.downstream.codes import CodeSplit, FrozenTokenizer, encode_split, load_tokenizer
 from lgvq.downstream.transformer import CodeTransformer, TransformerShape, cosine_mask_ratio
-from lgvq.text import TextFeatureCache
+from lgvq.text import TextFeatureCache, caption_set_fingerprint
 from lgvq.training import (
     RandomStream,
     _append_csv,
@@ -203,8 +203,10 @@ class TaskData:
     text: TextFeatureCache | None = None
 
 
-def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer, split: CodeSplit,
-                 text_cache_path: str | None = None) -> TaskData:
+def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer, split: CodeSplit) -> TaskData:
+    """Sequences and conditions of ``split`` for the task; for t2i the text features of every
+    caption of the split, computed once and cached in ``cache_dir`` (keyed by the text encoder
+    and the caption list, so tokenizers trained on the same data share them)."""
     sequences = split.sequences()
     prefix, text = None, None
     if config.task == "semantic":
@@ -213,7 +215,11 @@ def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer, split: Co
         prefix = torch.zeros(len(split), 1, dtype=torch.long)  # the start token
     else:
         captions = sorted({c for options in split.captions for c in options})
-        text = TextFeatureCache.build(tokenizer.text_encoder, captions, text_cache_path)
+        path = None
+        if config.cache_dir:
+            digest = caption_set_fingerprint(tokenizer.text_encoder, captions)[:20]
+            path = str(Path(config.cache_dir) / f"text-{digest}.safetensors")
+        text = TextFeatureCache.build(tokenizer.text_encoder, captions, path)
     return TaskData(split, sequences, prefix, text)
 
 
@@ -291,8 +297,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
                               "choose another --out_dir")
     cache = code_cache_dir(config)
     split = encode_split(tokenizer, "train", config.train_images, cache)
-    text_path = str(Path(cache) / f"text-{split.key_digest()}.safetensors") if cache else None
-    data = prepare_data(config, tokenizer, split, text_path)
+    data = prepare_data(config, tokenizer, split)
     torch.manual_seed(config.seed)
     model = build_task_model(config, tokenizer).to(device)
     optimizer = build_optimizer(config, model)
