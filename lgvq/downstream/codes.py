@@ -171,7 +171,7 @@ def data_key(tokenizer: FrozenTokenizer, split: str, images: int) -> dict:
             "image_size": config.image_size, "split": split, "images": images}
 
 
-def _split_dataset(tokenizer: FrozenTokenizer, split: str, images: int):
+def split_dataset(tokenizer: FrozenTokenizer, split: str, images: int):
     config = dataclasses.replace(tokenizer.config, train_images=images, eval_images=images)
     try:
         return build_dataset(config, split)
@@ -195,7 +195,7 @@ def encode_split(tokenizer: FrozenTokenizer, split: str, images: int, cache_dir:
         cached = _read_cache(path, key_text)
         if cached is not None:
             return cached
-    dataset = _split_dataset(tokenizer, split, images)
+    dataset = split_dataset(tokenizer, split, images)
     count = len(dataset)
     device = next(tokenizer.model.parameters()).device
     codes, captions, attributes = [], [], []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lgvq.downstream.codes import FrozenTokenizer, _split_dataset, encode_split
+from lgvq.downstream.codes import FrozenTokenizer, split_dataset, encode_split
 from lgvq.downstream.sampling import SamplingOptions, sample_autoregressive, sample_maskgit
 from lgvq.downstream.tasks import (
     DownstreamConfig,
@@ -64,13 +64,14 @@ def frechet_inception_distance(real: torch.Tensor, generated: torch.Tensor,
 
 
 def _real_images(tokenizer: FrozenTokenizer, config: DownstreamConfig, count: int):
-    dataset = _split_dataset(tokenizer, "val", config.eval_images)
+    dataset = split_dataset(tokenizer, "val", config.eval_images)
     return torch.stack([dataset[i]["image"] for i in range(count)])
 
 
 def _judge(prefix: str, images: torch.Tensor, scenes) -> dict:
     fidelity = attribute_fidelity(images, scenes)
-    return {f"{prefix}_colour": fidelity.colour_accuracy, f"{prefix}_shape": fidelity.shape_accuracy,
+    return {f"{prefix}_colour": fidelity.colour_accuracy,
+            f"{prefix}_shape": fidelity.shape_accuracy,
             f"{prefix}_object": fidelity.object_accuracy}
 
 

@@ -30,6 +30,7 @@ resume), metrics.csv and a progress bar.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,9 @@ class DownstreamConfig:
     condition_dropout: float = 0.1  # t2i: P(text -> null token) in training (for guidance)
     guidance_scale: float = 0.0  # t2i: classifier-free guidance at sampling (0 = off)
     maskgit_steps: int = 8  # t2i: parallel decoding steps
+    label_maps: str = ""  # semantic on other data sets: a folder of <split>/<i>.png label maps
+    # (pixel value = class, the i-th item of the split); captioned shapes need none
+    label_classes: int = 0  # classes of those maps (0 = captioned shapes' 41)
     # --- sampling and evaluation ------------------------------------------------------------
     temperature: float = 1.0
     top_k: int = 0
@@ -123,6 +127,9 @@ class DownstreamConfig:
         if self.eval_images < 0 or self.train_images < 0:
             raise ValueError("--train_images and --eval_images must be >= 0 (0 = a whole folder "
                              f"set), got {self.train_images}, {self.eval_images}")
+        if bool(self.label_maps) != (self.label_classes > 0):
+            raise ValueError("--label_maps and --label_classes go together (got "
+                             f"{self.label_maps!r}, {self.label_classes})")
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"--condition_dropout must be in [0, 1), got "
                              f"{self.condition_dropout!r}")
@@ -150,15 +157,45 @@ def scene_label_grid(scene: SceneAttributes, image_size: int, grid: int) -> torc
     return torch.from_numpy(chosen).long()
 
 
-def label_grids(split: CodeSplit, image_size: int) -> torch.Tensor:
-    """int64 ``[N, h * w]``: the segmentation map of every item at code resolution."""
-    if split.attributes is None:
-        raise ValueError("semantic synthesis needs segmentation maps: captioned shapes "
-                         "(--dataset=shapes tokenizers) give them exactly; label-map folders "
-                         "for other data sets are not supported yet")
+def label_grids(split: CodeSplit, image_size: int,
+                config: DownstreamConfig) -> torch.Tensor:
+    """int64 ``[N, h * w]``: the segmentation map of every item at code resolution (captioned
+    shapes: from the exact scenes; otherwise from ``config.label_maps``)."""
     grid = split.grid[0]
+    if config.label_maps:
+        return torch.stack([folder_label_grid(config, json.loads(split.key)["split"], index,
+                                              image_size, grid).reshape(-1)
+                            for index in range(len(split))])
+    if split.attributes is None:
+        raise ValueError("semantic synthesis needs segmentation maps: captioned shapes give "
+                         "them exactly; other data sets need --label_maps=<folder of "
+                         "<split>/<i>.png> and --label_classes")
     return torch.stack([scene_label_grid(s, image_size, grid).reshape(-1)
                         for s in split.attributes])
+
+
+def folder_label_grid(config: DownstreamConfig, split: str, index: int, image_size: int,
+                      grid: int) -> torch.Tensor:
+    """The label map ``<label_maps>/<split>/<index>.png`` (one class per pixel, resized and
+    centre-cropped like the images, nearest neighbour) as the majority class per code cell."""
+    from PIL import Image, ImageOps
+
+    path = Path(config.label_maps) / split / f"{index}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"--label_maps: {path} not found (one <i>.png per item)")
+    with Image.open(path) as image:
+        if image.mode not in ("L", "P", "I"):
+            raise ValueError(f"--label_maps: {path} must be a one-channel label image, got "
+                             f"mode {image.mode}")
+        labels = np.asarray(ImageOps.fit(image, (image_size, image_size),
+                                         method=Image.Resampling.NEAREST)).astype(np.int64)
+    if labels.max() >= config.label_classes:
+        raise ValueError(f"--label_maps: {path} has class {labels.max()} but --label_classes="
+                         f"{config.label_classes}")
+    cell = image_size // grid
+    cells = labels.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    majority = [np.bincount(values, minlength=config.label_classes).argmax() for values in cells]
+    return torch.tensor(majority, dtype=torch.long).reshape(grid, grid)
 
 
 def positional_captions(split: CodeSplit) -> list[str]:
@@ -181,7 +218,7 @@ def build_task_model(config: DownstreamConfig, tokenizer: FrozenTokenizer) -> Co
     length = tokenizer.grid * tokenizer.grid
     prefix_length, condition_vocab, context_width = 1, 1, 0
     if config.task == "semantic":
-        prefix_length, condition_vocab = length, LABEL_CLASSES
+        prefix_length, condition_vocab = length, config.label_classes or LABEL_CLASSES
     elif config.task == "t2i":
         prefix_length, context_width = 0, tokenizer.text_encoder.width
     shape = TransformerShape(codebook_size=tokenizer.codebook_size, length=length,
@@ -203,14 +240,15 @@ class TaskData:
     text: TextFeatureCache | None = None
 
 
-def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer, split: CodeSplit) -> TaskData:
+def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer,
+                 split: CodeSplit) -> TaskData:
     """Sequences and conditions of ``split`` for the task; for t2i the text features of every
     caption of the split, computed once and cached in ``cache_dir`` (keyed by the text encoder
     and the caption list, so tokenizers trained on the same data share them)."""
     sequences = split.sequences()
     prefix, text = None, None
     if config.task == "semantic":
-        prefix = label_grids(split, tokenizer.config.image_size)
+        prefix = label_grids(split, tokenizer.config.image_size, config)
     elif config.task in ("generate", "complete"):
         prefix = torch.zeros(len(split), 1, dtype=torch.long)  # the start token
     else:

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from lgvq.config import build_config
 from lgvq.downstream.cli import main
@@ -73,3 +75,13 @@ def test_tasks_run_on_a_jsonl_folder(tmp_path, text_encoder, capsys):
     capsys.readouterr()
     assert main(["semantic", f"--out_dir={tmp_path / 'semantic'}", *common]) == 2
     assert "needs segmentation maps" in capsys.readouterr().err
+    maps = tmp_path / "maps"
+    for split in ("train", "val"):  # two classes: the left half 0, the right half 1
+        (maps / split).mkdir(parents=True)
+        for index in range(8):
+            pixels = np.zeros((24, 24), np.uint8)
+            pixels[:, 12:] = 1
+            Image.fromarray(pixels).save(maps / split / f"{index}.png")
+    assert main(["semantic", f"--out_dir={tmp_path / 'semantic'}", *common,
+                 f"--label_maps={maps}", "--label_classes=2"]) == 0
+    assert (tmp_path / "semantic" / "samples.png").is_file()

@@ -87,5 +87,7 @@ def test_bad_options_are_clear_errors(tmp_path):
         DownstreamConfig.from_dict({"steps": "many"})
     with pytest.raises(ValueError, match="unknown config keys: \\['stepz'\\]"):
         DownstreamConfig.from_dict({"stepz": "1"})
+    with pytest.raises(ValueError, match="--label_maps and --label_classes go together"):
+        DownstreamConfig.from_dict({"label_maps": str(tmp_path)})
     with pytest.raises(ValueError, match="--condition_dropout"):
         DownstreamConfig.from_dict({"condition_dropout": "1.5"})
