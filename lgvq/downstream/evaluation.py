@@ -6,9 +6,9 @@
   colour and shape of every object of the scene the condition describes, read at the object's
   position in the decoded image. t2i is conditioned on the caption naming every object's
   colour, shape and position; semantic synthesis on the scene's label map; completion on the
-  upper rows. Beside it, the judge's accuracy on the real renders (the judge's own check) and on
-  the tokenizer's reconstructions of the true codes (the ceiling a generator on these codes can
-  reach);
+  upper rows (scored on the objects centred in the completed rows). Beside it, the judge's
+  accuracy on the real renders (the judge's own check) and on the tokenizer's reconstructions
+  of the true codes (the ceiling a generator on these codes can reach);
 * completion: PSNR of the completed lower half against the held-out image's, beside the
   tokenizer reconstruction's;
 * FID through torchmetrics with a local Inception weights file, when both are present.
@@ -20,6 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lgvq.downstream.codes import FrozenTokenizer, split_dataset, encode_split
@@ -68,11 +69,18 @@ def _real_images(tokenizer: FrozenTokenizer, config: DownstreamConfig, count: in
     return torch.stack([dataset[i]["image"] for i in range(count)])
 
 
-def _judge(prefix: str, images: torch.Tensor, scenes) -> dict:
+def _judge(prefix: str, images: torch.Tensor, scenes, below: float = 0.0) -> dict:
+    """The judge's accuracies over the objects whose centre lies at or below ``below`` (a
+    fraction of the image height; 0 = every object): completion is judged on what it drew."""
     fidelity = attribute_fidelity(images, scenes)
-    return {f"{prefix}_colour": fidelity.colour_accuracy,
-            f"{prefix}_shape": fidelity.shape_accuracy,
-            f"{prefix}_object": fidelity.object_accuracy}
+    kept = np.array([scenes[i].objects[o].centre_y >= below
+                     for i, o in zip(fidelity.image_index, fidelity.object_index)], dtype=bool)
+    if not kept.any():
+        return {}
+    colour, shape = fidelity.colour_correct[kept], fidelity.shape_correct[kept]
+    return {f"{prefix}_colour": float(colour.mean()), f"{prefix}_shape": float(shape.mean()),
+            f"{prefix}_object": float((colour & shape).mean()),
+            f"{prefix}_objects_judged": int(kept.sum())}
 
 
 @torch.no_grad()
@@ -141,9 +149,11 @@ def evaluate_task(config: DownstreamConfig, checkpoint: str | Path, tokenizer: F
                                                             real[..., cut:, :]).mean())
     if split.attributes is not None and config.task != "generate":
         scenes = split.attributes[:scored]
-        scores.update(_judge("judge_generated", generated, scenes))
-        scores.update(_judge("judge_real", real, scenes))
-        scores.update(_judge("judge_reconstructed", reconstructed, scenes))
+        below = (completion_rows(config, tokenizer.grid) / tokenizer.grid
+                 if config.task == "complete" else 0.0)
+        scores.update(_judge("judge_generated", generated, scenes, below))
+        scores.update(_judge("judge_real", real, scenes, below))
+        scores.update(_judge("judge_reconstructed", reconstructed, scenes, below))
     fid, note = frechet_inception_distance(real, generated[:scored], config.fid_weights)
     scores["fid"] = fid
     notes = [note] if note else []
