@@ -123,7 +123,6 @@ def test_autoregressive_model_memorises_and_regenerates_tiny_data():
     assert torch.equal(completed, targets)
 
 
-@pytest.mark.slow  # ~8 s alone, ~20 s on 2 busy cores
 def test_maskgit_model_memorises_text_conditioned_tiny_data():
     model = _model(causal=False, context_width=4)
     targets = torch.randint(0, 12, (3, 10), generator=torch.Generator().manual_seed(0))
