@@ -5,6 +5,7 @@
   lgvq eval CHECKPOINT [--out=report.md] [--images=N] evaluate a checkpoint into a report
   lgvq presets                                       what each preset sets
   lgvq train --help / lgvq eval --help               every option: type, default, meaning
+  lgvq downstream TASK --tokenizer=CKPT              generation on a tokenizer's codes (--help)
 """
 
 from __future__ import annotations
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
+    if verb == "downstream":  # its own parser, errors and --help (lgvq.downstream.cli)
+        from lgvq.downstream.cli import main as downstream_main
+        return downstream_main(rest)
     try:
         if verb == "train":
             return _train(rest)

@@ -1,0 +1,25 @@
+"""Downstream models on a frozen tokenizer's codes (the paper's App. A.1, Tables 5-7 and 10).
+
+Modules:
+  codes        the shared layer: a frozen tokenizer from an ``lgvq train`` checkpoint, data set
+               splits encoded to code indices once (cached, keyed by checkpoint hash + data
+               config), with captions and (captioned shapes) exact attributes. The
+               understanding tasks (captioning, VQA, grounding) are to build on it too.
+  transformer  the code transformer (SDPA; codebook-initialised or learned code embeddings;
+               prefix and cross-attention conditioning; KV cache)
+  sampling     autoregressive (temperature, top-k, top-p, seeded, cached) and MaskGIT sampling
+  tasks        generate, complete, t2i, semantic: config, losses, the training loop
+  evaluation   held-out loss, the exact attribute judge, completion PSNR, optional FID
+  cli          ``lgvq downstream TASK --tokenizer=CKPT``
+  demo         ``python -m lgvq.downstream.demo``: every task on baseline vs LG-VQ codes
+"""
+
+from lgvq.downstream.codes import (
+    CodeSplit,
+    FrozenTokenizer,
+    encode_split,
+    file_digest,
+    load_tokenizer,
+)
+
+__all__ = ["CodeSplit", "FrozenTokenizer", "encode_split", "file_digest", "load_tokenizer"]

@@ -1,0 +1,310 @@
+"""The downstream demo (`python -m lgvq.downstream.demo`): every generation task trained on the
+baseline's and on LG-VQ's codes with the same seed and budget, side by side.
+
+  python -m lgvq.downstream.demo [--seeds=0,1,2] [--budget_minutes=20] [--steps=N]
+      [--tokenizers=runs/demo] [--out_dir=runs/downstream] [--workers=2]
+      [--threads_per_worker=1] [--tasks=generate,t2i,semantic] [--key=value ...]
+
+The tokenizers are runs/demo/{baseline,lgvq}_seed{S}/last.safetensors (`make demo`); the
+missing ones are trained first with ``lgvq.demo`` (its own budget, not counted here). Other
+--key=value pairs are ``DownstreamConfig`` overrides. Completion is scored on the unconditional
+model (taming's setting: one causal model generates and completes), so ``generate`` trains once
+per codebook and seed and is evaluated twice.
+
+Budget: without --steps, one step of each task's model is timed on the first tokenizer's codes
+and the step count is set so that training fills 70% of --budget_minutes across the workers
+(the rest: encoding, text features, evaluation, process start-up); the report gives the
+measured wall time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lgvq.config import parse_overrides
+from lgvq.downstream.codes import encode_split, load_tokenizer
+from lgvq.downstream.evaluation import evaluate_task
+from lgvq.downstream.tasks import (
+    DownstreamConfig,
+    build_optimizer,
+    build_task_model,
+    prepare_data,
+    task_loss,
+    train_task,
+)
+from lgvq.evaluation.report import mean_and_std, write_markdown_report
+from lgvq.files import atomic_path, atomic_write
+
+CODEBOOKS = (("baseline", "baseline"), ("LG-VQ", "lgvq"))  # (label, run-folder prefix)
+DEMO_DEFAULTS = {"width": 96, "layers": 2, "heads": 4, "batch_size": 32, "train_images": 1024,
+                 "eval_images": 128, "samples": 128, "log_every": 25, "checkpoint_every": 100,
+                 "warmup_steps": 20, "guidance_scale": 1.0}
+# (task of the scores, key, label, higher is better; None = a control or a ceiling)
+METRICS = [
+    ("generate", "heldout_loss", "unconditional: held-out NLL per code (nats)", False),
+    ("generate", "generated_distinct_codes", "  distinct codes in the samples", None),
+    ("generate", "fid", "unconditional: FID", False),
+    ("complete", "completion_psnr_db", "completion: PSNR of the completed lower half (dB)", True),
+    ("complete", "reconstruction_lower_psnr_db",
+     "  ceiling: the tokenizer's reconstruction of the true codes (dB)", None),
+    ("complete", "judge_generated_object",
+     "completion: objects centred in the completed rows right (colour and shape)", True),
+    ("t2i", "heldout_loss", "text-to-image: held-out masked-code NLL (nats)", False),
+    ("t2i", "judge_generated_colour", "text-to-image: judge colour accuracy", True),
+    ("t2i", "judge_generated_shape", "text-to-image: judge shape accuracy", True),
+    ("t2i", "judge_generated_object", "text-to-image: objects right (colour and shape)", True),
+    ("t2i", "judge_reconstructed_object", "  ceiling: the same on reconstructions", None),
+    ("t2i", "judge_real_object", "  the judge on real renders (its own check)", None),
+    ("semantic", "heldout_loss", "semantic synthesis: held-out NLL per code (nats)", False),
+    ("semantic", "judge_generated_colour", "semantic synthesis: judge colour accuracy", True),
+    ("semantic", "judge_generated_shape", "semantic synthesis: judge shape accuracy", True),
+    ("semantic", "judge_generated_object", "semantic synthesis: objects right", True),
+    ("semantic", "judge_reconstructed_object", "  ceiling: the same on reconstructions", None),
+]
+_WORKER = {}
+
+
+def tokenizer_path(folder: Path, prefix: str, seed: int) -> Path:
+    return folder / f"{prefix}_seed{seed}" / "last.safetensors"
+
+
+def ensure_tokenizers(folder: Path, seeds: list[int], workers: int, threads: int) -> None:
+    """Train (``lgvq.demo.run_demo``) the tokenizers of the seeds that lack one."""
+    missing = [s for s in seeds if not all(tokenizer_path(folder, p, s).is_file()
+                                           for _, p in CODEBOOKS)]
+    if missing:
+        from lgvq.demo import run_demo
+
+        print(f"[downstream] no tokenizers for seeds {missing} in {folder}: training them with "
+              "lgvq.demo first", flush=True)
+        run_demo(missing, folder, {}, workers=workers, threads=threads)
+
+
+def _config(task: str, tokenizer: Path, out_dir: Path, seed: int, overrides: dict,
+            **extra) -> DownstreamConfig:
+    values = {**DEMO_DEFAULTS, **overrides, "task": task, "tokenizer": str(tokenizer),
+              "out_dir": str(out_dir), "seed": seed, **extra}
+    return DownstreamConfig.from_dict(values)
+
+
+def seconds_per_step(tasks: list[str], tokenizer_file: Path, overrides: dict) -> dict:
+    """Seconds of one training step of each task's model (mean of 3 after one warm-up)."""
+    tokenizer = load_tokenizer(tokenizer_file)
+    timings = {}
+    for task in tasks:
+        config = _config(task, tokenizer_file, Path("unused"), 0, overrides)
+        split = encode_split(tokenizer, "train", config.train_images, config.cache_dir or None)
+        data = prepare_data(config, tokenizer, split)
+        torch.manual_seed(0)
+        model = build_task_model(config, tokenizer)
+        optimizer = build_optimizer(config, model)
+        for step in range(4):
+            if step == 1:
+                started = time.perf_counter()
+            rows = torch.arange(step * config.batch_size,
+                                (step + 1) * config.batch_size) % len(split)
+            loss = task_loss(config, model, data, rows, step, torch.device("cpu"))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        timings[task] = (time.perf_counter() - started) / 3
+    return timings
+
+
+def prepare_caches(tokenizers: list[Path], tasks: list[str], overrides: dict) -> None:
+    """Encode every tokenizer's splits (and the text features) once, before the workers start,
+    so that no two workers compute the same cache at once."""
+    for path in tokenizers:
+        tokenizer = load_tokenizer(path)
+        for task in tasks:
+            config = _config(task, path, Path("unused"), 0, overrides)
+            for split, images in (("train", config.train_images), ("val", config.eval_images)):
+                prepare_data(config, tokenizer,
+                             encode_split(tokenizer, split, images, config.cache_dir or None))
+
+
+def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
+    """One (codebook, seed, task) run in a worker: train (or reuse a finished run), evaluate.
+    Returns {scored task: scores} (generate also scores completion)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = DownstreamConfig.from_dict(config_values)
+    folder = Path(config.out_dir)
+    done_path = folder / "scores.json"
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if done.get("config") == config.to_dict():
+            print(f"[downstream] {label}: reusing the finished run in {folder}", flush=True)
+            return done["scores"]
+    tokenizer = _WORKER.get(config.tokenizer) or load_tokenizer(config.tokenizer)
+    _WORKER[config.tokenizer] = tokenizer
+    config.resume = True  # an interrupted run is continued; a fresh one starts at step 0
+    started = time.perf_counter()
+    checkpoint = train_task(config, tokenizer=tokenizer, progress=False)
+    train_seconds = time.perf_counter() - started
+    config.resume = False
+    scores = {task: evaluate_task(config, checkpoint, tokenizer)}
+    if task == "generate":
+        completion = DownstreamConfig.from_dict({**config.to_dict(), "task": "complete"})
+        scores["complete"] = evaluate_task(completion, checkpoint, tokenizer,
+                                           folder / "complete")
+    for values in scores.values():
+        values["train_seconds"] = train_seconds
+    atomic_write(done_path, json.dumps({"config": config.to_dict(), "scores": scores}, indent=2))
+    print(f"[downstream] {label} done: {train_seconds / 60:.1f} min of training", flush=True)
+    return scores
+
+
+def run_downstream_demo(seeds: list[int], tokenizers: Path, out_dir: Path, overrides: dict, *,
+                        tasks: list[str], workers: int = 2, threads: int = 1,
+                        budget_minutes: float = 20.0) -> dict:
+    started = time.perf_counter()
+    ensure_tokenizers(tokenizers, seeds, workers, threads)
+    overrides = {"cache_dir": str(out_dir / "cache"), **overrides}
+    paths = [tokenizer_path(tokenizers, prefix, seed) for seed in seeds for _, prefix in CODEBOOKS]
+    prepare_caches(paths, tasks, overrides)
+    if "steps" not in overrides:
+        timings = seconds_per_step(tasks, paths[0], overrides)
+        runs_per_worker = len(paths) / max(workers, 1)
+        spent = time.perf_counter() - started
+        left = max(0.0, budget_minutes * 60 * 0.7 - spent)
+        steps = int(left / (runs_per_worker * sum(timings.values())))
+        overrides["steps"] = max(20, steps)
+        print(f"[downstream] seconds per step {timings}: {overrides['steps']} steps per run "
+              f"fill the budget of {budget_minutes} min", flush=True)
+    jobs = []
+    for seed in seeds:
+        for label, prefix in CODEBOOKS:
+            for task in tasks:
+                folder = out_dir / f"{prefix}_seed{seed}" / task
+                values = _config(task, tokenizer_path(tokenizers, prefix, seed), folder, seed,
+                                 overrides).to_dict()
+                jobs.append((label, seed, task, values))
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(run_job, f"{label} seed {seed} {task}", task, values, threads)
+                       for label, seed, task, values in jobs]
+            results = [future.result() for future in futures]
+    else:
+        results = [run_job(f"{label} seed {seed} {task}", task, values, threads)
+                   for label, seed, task, values in jobs]
+    scores: dict[str, dict[str, list[dict]]] = {label: {} for label, _ in CODEBOOKS}
+    for (label, _, _, _), result in zip(jobs, results):
+        for task, values in result.items():
+            scores[label].setdefault(task, []).append(values)
+    minutes = (time.perf_counter() - started) / 60
+    _plot_losses(jobs, out_dir / "training_curves.png")
+    report = write_report(out_dir, seeds, scores, jobs, minutes, budget_minutes)
+    print(Path(report).read_text())
+    return {"scores": scores, "report": report, "minutes": minutes}
+
+
+def _plot_losses(jobs, path: Path) -> None:
+    """Training loss per task, a line per run (baseline blue, LG-VQ orange)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(job[2] for job in jobs))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    seen = set()
+    for label, _, task, values in jobs:
+        with open(Path(values["out_dir"]) / "metrics.csv", newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        axis = axes[0][tasks.index(task)]
+        axis.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
+                  color="C0" if label == "baseline" else "C1",
+                  label=label if (task, label) not in seen else None)
+        seen.add((task, label))
+        axis.set_title(f"{task}: training loss")
+        axis.set_xlabel("step")
+        axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=90)
+    plt.close(figure)
+
+
+def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) -> str:
+    rows = []
+    for task, key, label, higher in METRICS:
+        runs = {name: scores[name].get(task, []) for name in scores}
+        if not all(runs.values()) or not all(r.get(key) is not None for v in runs.values()
+                                             for r in v):
+            continue
+        base, lgvq = runs["baseline"], runs["LG-VQ"]
+        wins = sum(b[key] != g[key] and (g[key] > b[key]) == higher
+                   for b, g in zip(base, lgvq)) if higher is not None else None
+        rows.append({"metric": label,
+                     "baseline": mean_and_std([r[key] for r in base]),
+                     "LG-VQ": mean_and_std([r[key] for r in lgvq]),
+                     "LG-VQ better (seeds)": "control" if wins is None
+                     else f"{wins}/{len(base)}"})
+    first = jobs[0][3]
+    notes = [
+        f"seeds {seeds}; each task trained on each codebook with the same seed, data order and "
+        f"{first['steps']} steps of batch {first['batch_size']}; transformer width "
+        f"{first['width']}, {first['layers']} layers, code embeddings: {first['embedding']}",
+        "Scores are on held-out items (the validation split). The judge reads the colour and "
+        "shape of every object of the scene at its true position in the decoded image: "
+        "text-to-image is conditioned on the caption naming every object's colour, shape and "
+        "position, semantic synthesis on the scene's label map (colour and shape per code "
+        "cell), completion on the upper half of the true codes. Chance is near 0 (an object "
+        "must be visible, of the right colour among 8, the right shape among 5, in its cell).",
+        f"wall time: {minutes:.1f} min (budget {budget_minutes} min, tokenizers not counted)",
+    ]
+    fids = [r for v in scores.values() for r in v.get("generate", [])]
+    if fids and fids[0].get("fid") is None:
+        notes.append("FID not computed: needs torchmetrics and --fid_weights=<a local "
+                     "Inception weights file>; nothing is downloaded.")
+    images = [str(out_dir / "training_curves.png")]
+    for _, prefix in CODEBOOKS:
+        folder = out_dir / f"{prefix}_seed{seeds[0]}"
+        images += [str(p) for p in sorted(folder.glob("*/samples.png"))
+                   + sorted(folder.glob("*/complete/samples.png"))]
+    atomic_write(out_dir / "scores.json", json.dumps(scores, indent=2))
+    return write_markdown_report(out_dir / "report.md",
+                                 "Downstream generation on baseline vs LG-VQ codes", rows,
+                                 columns=["metric", "baseline", "LG-VQ", "LG-VQ better (seeds)"],
+                                 notes=notes, images=images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        overrides = parse_overrides(argv)
+        seeds = [int(s) for s in overrides.pop("seeds", "0,1,2").split(",") if s.strip()]
+        tasks = [t for t in overrides.pop("tasks", "generate,t2i,semantic").split(",") if t]
+        unknown = sorted(set(tasks) - {"generate", "t2i", "semantic"})
+        if unknown:
+            raise ValueError(f"--tasks: unknown {unknown} (complete is scored on generate's "
+                             "model)")
+        tokenizers = Path(overrides.pop("tokenizers", "runs/demo"))
+        out_dir = Path(overrides.pop("out_dir", "runs/downstream"))
+        workers = int(overrides.pop("workers", "2"))
+        threads = int(overrides.pop("threads_per_worker", "1"))
+        budget = float(overrides.pop("budget_minutes", "20"))
+        run_downstream_demo(seeds, tokenizers, out_dir, overrides, tasks=tasks, workers=workers,
+                            threads=threads, budget_minutes=budget)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"lgvq.downstream.demo: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

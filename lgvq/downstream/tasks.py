@@ -1,0 +1,396 @@
+"""The generation tasks on a frozen tokenizer's codes and their training loop.
+
+Tasks (``DownstreamConfig.task``):
+
+* ``generate`` — unconditional generation: a causal transformer over the raster-order codes
+  after one start token (the taming transformer's setting).
+* ``complete`` — image completion: the same model, evaluated by keeping the upper
+  ``completion_rows`` rows of a held-out image's codes and sampling the rest (PSNR of the lower
+  half against the held-out image).
+* ``t2i`` — text-to-image with a MaskGIT-style masked-token generator: a bidirectional
+  transformer cross-attending to the frozen text encoder's token features, trained to predict
+  a cosine-scheduled random subset of masked codes, decoded in ``maskgit_steps`` parallel
+  steps, with optional classifier-free guidance (the text is replaced by a learned null token
+  with probability ``condition_dropout`` in training). MaskGIT rather than the paper's
+  VQ-Diffusion: both are discrete non-autoregressive generators trained to undo token
+  corruption, but VQ-Diffusion's mask-and-replace chain runs ~100 denoising steps at sampling
+  and trains on a 100-step transition schedule, where MaskGIT decodes in 8 steps with one
+  masking ratio per example; on 2 CPU cores that is the difference between a text-to-image run
+  that fits the demo's minutes and one that does not.
+* ``semantic`` — semantic synthesis: the causal transformer with a prefix of one label per code
+  cell (the segmentation map at code resolution), as taming's S-FLCKR conditioning. On
+  captioned shapes the label of a cell is the (colour, shape) class of the object covering at
+  least a quarter of it (the renderer's exact ``object_masks``), else background.
+
+The loop follows ``lgvq.training``: a config dataclass with ``--key=value`` overrides, batches and
+masks pure functions of (seed, step), atomic checkpoints with the optimizer and RNG state (exact
+resume), metrics.csv and a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lgvq.checkpoint import load_checkpoint, save_checkpoint
+from lgvq.config import _coerce
+from lgvq.data import COLOUR_NAMES, SHAPE_NAMES, SceneAttributes, draw_one_caption_per_image
+from lgvq.data.shapes.rendering import object_masks
+from lgvq.downstream.codes import CodeSplit, FrozenTokenizer, encode_split, load_tokenizer
+from lgvq.downstream.transformer import CodeTransformer, TransformerShape, cosine_mask_ratio
+from lgvq.text import TextFeatureCache, caption_set_fingerprint
+from lgvq.training import (
+    RandomStream,
+    _append_csv,
+    _truncate_csv,
+    batch_indices,
+    step_generator,
+)
+from lgvq_kernels import resolve_device
+
+TASKS = ("generate", "complete", "t2i", "semantic")
+CHECKPOINT_NAME = "last.safetensors"
+LABEL_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPE_NAMES)  # background + (colour, shape)
+_LABEL_COVERAGE = 0.25  # an object labels a code cell it covers at least this much of
+
+
+@dataclass
+class DownstreamConfig:
+    task: str = "generate"  # generate | complete | t2i | semantic
+    tokenizer: str = ""  # an `lgvq train` checkpoint (last.safetensors)
+    out_dir: str = "runs/downstream/run"  # checkpoint, metrics.csv, grids, report.md
+    cache_dir: str = "runs/downstream/cache"  # encoded codes and text features ("" = none)
+    train_images: int = 1024  # items of the training split encoded (0 = a whole folder set)
+    eval_images: int = 64  # held-out items (the validation split) scored (0 = a whole folder set)
+    # --- model ------------------------------------------------------------------------------
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+    embedding: str = "codebook"  # codebook (frozen codebook -> Linear, default) | learned
+    # --- optimisation -----------------------------------------------------------------------
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3  # AdamW, betas (0.9, 0.95), linear warm-up, then constant
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    # --- task options -----------------------------------------------------------------------
+    completion_rows: int = 0  # rows of codes kept for completion (0 = the upper half)
+    condition_dropout: float = 0.1  # t2i: P(text -> null token) in training (for guidance)
+    guidance_scale: float = 0.0  # t2i: classifier-free guidance at sampling (0 = off)
+    maskgit_steps: int = 8  # t2i: parallel decoding steps
+    label_maps: str = ""  # semantic on other data sets: a folder of <split>/<i>.png label maps
+    # (pixel value = class, the i-th item of the split); captioned shapes need none
+    label_classes: int = 0  # classes of those maps (0 = captioned shapes' 41)
+    # --- sampling and evaluation ------------------------------------------------------------
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    samples: int = 64  # generated images scored (at most eval_images for conditional tasks)
+    fid_weights: str = ""  # a local Inception weights file for FID (torchmetrics); "" = no FID
+    # --- machinery --------------------------------------------------------------------------
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    log_every: int = 50
+    checkpoint_every: int = 250
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DownstreamConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        config = cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        for name in ("steps", "batch_size", "width", "layers", "heads", "maskgit_steps",
+                     "log_every", "checkpoint_every", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.eval_images < 0 or self.train_images < 0:
+            raise ValueError("--train_images and --eval_images must be >= 0 (0 = a whole folder "
+                             f"set), got {self.train_images}, {self.eval_images}")
+        if bool(self.label_maps) != (self.label_classes > 0):
+            raise ValueError("--label_maps and --label_classes go together (got "
+                             f"{self.label_maps!r}, {self.label_classes})")
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"--condition_dropout must be in [0, 1), got "
+                             f"{self.condition_dropout!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# conditions
+# ----------------------------------------------------------------------------------------------
+
+
+def scene_label_grid(scene: SceneAttributes, image_size: int, grid: int) -> torch.Tensor:
+    """int64 ``[grid, grid]``: per code cell 0 (background) or 1 + colour * 5 + shape of the
+    object covering at least a quarter of the cell (objects never share a cell of the 3x3
+    layout; at 8x8 codes two objects can touch one code cell: the larger cover wins)."""
+    masks = object_masks(scene, image_size)  # [n, S, S]
+    labels = torch.zeros(grid, grid, dtype=torch.long)
+    if not len(masks):
+        return labels
+    cell = image_size // grid
+    coverage = masks.reshape(len(masks), grid, cell, grid, cell).mean(axis=(2, 4))  # [n, g, g]
+    best = coverage.argmax(0)
+    classes = np.array([1 + COLOUR_NAMES.index(o.colour) * len(SHAPE_NAMES)
+                        + SHAPE_NAMES.index(o.shape) for o in scene.objects])
+    chosen = np.where(coverage.max(0) >= _LABEL_COVERAGE, classes[best], 0)
+    return torch.from_numpy(chosen).long()
+
+
+def label_grids(split: CodeSplit, image_size: int,
+                config: DownstreamConfig) -> torch.Tensor:
+    """int64 ``[N, h * w]``: the segmentation map of every item at code resolution (captioned
+    shapes: from the exact scenes; otherwise from ``config.label_maps``)."""
+    grid = split.grid[0]
+    if config.label_maps:
+        return torch.stack([folder_label_grid(config, json.loads(split.key)["split"], index,
+                                              image_size, grid).reshape(-1)
+                            for index in range(len(split))])
+    if split.attributes is None:
+        raise ValueError("semantic synthesis needs segmentation maps: captioned shapes give "
+                         "them exactly; other data sets need --label_maps=<folder of "
+                         "<split>/<i>.png> and --label_classes")
+    return torch.stack([scene_label_grid(s, image_size, grid).reshape(-1)
+                        for s in split.attributes])
+
+
+def folder_label_grid(config: DownstreamConfig, split: str, index: int, image_size: int,
+                      grid: int) -> torch.Tensor:
+    """The label map ``<label_maps>/<split>/<index>.png`` (one class per pixel, resized and
+    centre-cropped like the images, nearest neighbour) as the majority class per code cell."""
+    from PIL import Image, ImageOps
+
+    path = Path(config.label_maps) / split / f"{index}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"--label_maps: {path} not found (one <i>.png per item)")
+    with Image.open(path) as image:
+        if image.mode not in ("L", "P", "I"):
+            raise ValueError(f"--label_maps: {path} must be a one-channel label image, got "
+                             f"mode {image.mode}")
+        labels = np.asarray(ImageOps.fit(image, (image_size, image_size),
+                                         method=Image.Resampling.NEAREST)).astype(np.int64)
+    if labels.max() >= config.label_classes:
+        raise ValueError(f"--label_maps: {path} has class {labels.max()} but --label_classes="
+                         f"{config.label_classes}")
+    cell = image_size // grid
+    cells = labels.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    majority = [np.bincount(values, minlength=config.label_classes).argmax() for values in cells]
+    return torch.tensor(majority, dtype=torch.long).reshape(grid, grid)
+
+
+def positional_captions(split: CodeSplit) -> list[str]:
+    """One caption per item for scoring text-to-image: on captioned shapes the template that
+    names every object's colour, shape and position (the judge checks all three), else the
+    first caption."""
+    if split.attributes is None:
+        return [options[0] for options in split.captions]
+    from lgvq.data import caption_for
+
+    return [caption_for(scene, 1) for scene in split.attributes]  # _template_list_with_positions
+
+
+# ----------------------------------------------------------------------------------------------
+# the model of a task and its loss
+# ----------------------------------------------------------------------------------------------
+
+
+def build_task_model(config: DownstreamConfig, tokenizer: FrozenTokenizer) -> CodeTransformer:
+    length = tokenizer.grid * tokenizer.grid
+    prefix_length, condition_vocab, context_width = 1, 1, 0
+    if config.task == "semantic":
+        prefix_length, condition_vocab = length, config.label_classes or LABEL_CLASSES
+    elif config.task == "t2i":
+        prefix_length, context_width = 0, tokenizer.text_encoder.width
+    shape = TransformerShape(codebook_size=tokenizer.codebook_size, length=length,
+                             prefix_length=prefix_length, condition_vocab=condition_vocab,
+                             width=config.width, layers=config.layers, heads=config.heads,
+                             dropout=config.dropout, causal=config.task != "t2i",
+                             context_width=context_width)
+    codebook = tokenizer.codebook() if config.embedding == "codebook" else None
+    return CodeTransformer(shape, codebook, embedding=config.embedding)
+
+
+@dataclass
+class TaskData:
+    """A split ready for a task: sequences, conditions and (t2i) the text features."""
+
+    split: CodeSplit
+    sequences: torch.Tensor  # int64 [N, L]
+    prefix: torch.Tensor | None  # int64 [N, P] (None for t2i)
+    text: TextFeatureCache | None = None
+
+
+def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer,
+                 split: CodeSplit) -> TaskData:
+    """Sequences and conditions of ``split`` for the task; for t2i the text features of every
+    caption of the split, computed once and cached in ``cache_dir`` (keyed by the text encoder
+    and the caption list, so tokenizers trained on the same data share them)."""
+    sequences = split.sequences()
+    prefix, text = None, None
+    if config.task == "semantic":
+        prefix = label_grids(split, tokenizer.config.image_size, config)
+    elif config.task in ("generate", "complete"):
+        prefix = torch.zeros(len(split), 1, dtype=torch.long)  # the start token
+    else:
+        captions = sorted({c for options in split.captions for c in options})
+        path = None
+        if config.cache_dir:
+            digest = caption_set_fingerprint(tokenizer.text_encoder, captions)[:20]
+            path = str(Path(config.cache_dir) / f"text-{digest}.safetensors")
+        text = TextFeatureCache.build(tokenizer.text_encoder, captions, path)
+    return TaskData(split, sequences, prefix, text)
+
+
+def task_loss(config: DownstreamConfig, model: CodeTransformer, data: TaskData,
+              rows: torch.Tensor, step: int, device: torch.device) -> torch.Tensor:
+    """Cross-entropy of one batch (``rows`` of ``data``); every random draw is a function of
+    (seed, step)."""
+    codes = data.sequences[rows].to(device)
+    if model.shape.causal:
+        logits = model(data.prefix[rows].to(device), codes)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    generator = step_generator(config.seed, step, RandomStream.WORD_MASKS)
+    captions = draw_one_caption_per_image([data.split.captions[int(i)] for i in rows],
+                                          generator=step_generator(config.seed, step,
+                                                                   RandomStream.CAPTION_DRAW))
+    context, context_mask = text_context(data.text, captions, device)
+    masked = maskgit_training_mask(codes.shape, generator).to(device)
+    dropped = (torch.rand(len(rows), generator=generator) < config.condition_dropout).to(device)
+    if bool(dropped.any()):
+        null, null_mask = model.null_context_like(context, context_mask)
+        context = torch.where(dropped[:, None, None], null, context)
+        context_mask = torch.where(dropped[:, None], null_mask, context_mask)
+    logits = model(None, codes.masked_fill(masked, model.mask_id), context, context_mask)
+    return F.cross_entropy(logits[masked], codes[masked])
+
+
+def maskgit_training_mask(shape, generator: torch.Generator) -> torch.Tensor:
+    """bool ``[B, L]``: per row a cosine-schedule ratio r = cos(pi/2 u), u ~ U(0, 1), and the
+    ceil(r L) positions of lowest random score masked (at least one)."""
+    batch, length = shape
+    ratio = cosine_mask_ratio(torch.rand(batch, generator=generator))
+    count = torch.clamp((ratio * length).ceil().long(), 1, length)
+    scores = torch.rand(batch, length, generator=generator)
+    ranks = scores.argsort(1).argsort(1)
+    return ranks < count[:, None]
+
+
+def text_context(text: TextFeatureCache, captions: list[str], device):
+    features = text.encode(captions)
+    return features.token_features.to(device), features.attention_mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _learning_rate(config: DownstreamConfig, step: int) -> float:
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    return config.learning_rate * warmup
+
+
+def build_optimizer(config: DownstreamConfig, model: CodeTransformer) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
+                             weight_decay=config.weight_decay)
+
+
+def code_cache_dir(config: DownstreamConfig) -> str | None:
+    return config.cache_dir or None
+
+
+def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = None,
+               progress: bool = True, log_prefix: str | None = None) -> Path:
+    """Train (or resume) the task's model on the tokenizer's codes; returns the checkpoint."""
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer, device=device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if checkpoint_path.exists() and not config.resume:
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or "
+                              "choose another --out_dir")
+    cache = code_cache_dir(config)
+    split = encode_split(tokenizer, "train", config.train_images, cache)
+    data = prepare_data(config, tokenizer, split)
+    torch.manual_seed(config.seed)
+    model = build_task_model(config, tokenizer).to(device)
+    optimizer = build_optimizer(config, model)
+    start_step = 0
+    if checkpoint_path.exists():
+        start_step = load_checkpoint(checkpoint_path, model=model,
+                                     optimizers={"model": optimizer})["step"]
+    metrics_path = out_dir / "metrics.csv"
+    _truncate_csv(metrics_path, start_step)
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               disable=not progress, desc=f"downstream-{config.task}")
+    last_time, last_step = time.perf_counter(), start_step
+    model.train()
+    for step in bar:
+        rows = batch_indices(config.seed, step, config.batch_size, len(split))
+        loss = task_loss(config, model, data, rows, step, device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        optimizer.step()
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            now = time.perf_counter()
+            codes_per_second = ((done - last_step) * config.batch_size * model.shape.length
+                                / max(now - last_time, 1e-9))
+            last_time, last_step = now, done
+            row = {"step": done, "loss": float(loss.detach()),
+                   "learning_rate": _learning_rate(config, step),
+                   "codes_per_second": codes_per_second}
+            _append_csv(metrics_path, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", codes_s=f"{codes_per_second:.0f}")
+            if log_prefix is not None:
+                print(f"{log_prefix}: step {done}/{config.steps} loss {row['loss']:.4f} "
+                      f"{codes_per_second:.0f} codes/s", flush=True)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_checkpoint(checkpoint_path, model=model, optimizers={"model": optimizer},
+                            step=done, config=config.to_dict(),
+                            extra={"tokenizer_digest": tokenizer.digest})
+    return checkpoint_path
+
+
+def load_task_model(path: str | Path, config: DownstreamConfig, tokenizer: FrozenTokenizer,
+                    device) -> CodeTransformer:
+    """The trained model of a task checkpoint (no optimizer, RNG untouched)."""
+    model = build_task_model(config, tokenizer).to(device)
+    meta = load_checkpoint(path, model=model, restore_rng=False)
+    if meta["extra"].get("tokenizer_digest") not in (None, tokenizer.digest):
+        raise ValueError(f"{path} was trained on another tokenizer's codes than --tokenizer "
+                         f"{tokenizer.path}")
+    return model.eval()
+
+
+__all__ = ["DownstreamConfig", "LABEL_CLASSES", "TASKS", "TaskData", "build_task_model",
+           "label_grids", "load_task_model", "maskgit_training_mask", "positional_captions",
+           "prepare_data", "scene_label_grid", "task_loss", "train_task"]
