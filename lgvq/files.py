@@ -11,12 +11,14 @@ temporary (it is removed when the writer fails).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["append_csv_row", "atomic_path", "atomic_write", "truncate_csv_rows"]
 
 
 def _umask_mode() -> int:
@@ -73,3 +75,36 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
         with open(temporary, mode, encoding=encoding, newline="" if encoding else None) as f:
             f.write(data)
     return Path(path)
+
+
+def truncate_csv_rows(path: str | os.PathLike, last_step: int) -> None:
+    """Keep only the rows of a metrics CSV with step <= last_step (a resumed run redoes the
+    rest); the file is rewritten atomically, or removed when no row is left."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    kept = [row for row in rows if int(row["step"]) <= last_step]
+    if not kept:
+        path.unlink()
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(kept[0]))
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write(path, text.getvalue())
+
+
+def append_csv_row(path: str | os.PathLike, row: dict) -> None:
+    """Append one row and sync it to disk (a log grows by appends; only its truncation on
+    resume rewrites the file, atomically)."""
+    path = Path(path)
+    new = not path.exists()
+    with open(path, "a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        stream.flush()
+        os.fsync(stream.fileno())

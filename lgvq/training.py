@@ -7,9 +7,7 @@ checkpoint, a resumed run continues bit for bit like an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import enum
-import io
 import math
 import os
 import signal
@@ -32,7 +30,7 @@ from lgvq_kernels import resolve_device
 from lgvq.evaluation.metrics import psnr
 from lgvq.evaluation.report import save_image_grid
 from lgvq.evaluation.words import word_token_mask
-from lgvq.files import atomic_write
+from lgvq.files import append_csv_row, truncate_csv_rows
 from lgvq.models import (
     LGVQ,
     BackboneConfig,
@@ -313,7 +311,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
         torch.manual_seed(config.seed + 7919 * parallel.rank + start_step)
     metrics_path = out_dir / "metrics.csv"
     if parallel.main:
-        _truncate_csv(metrics_path, start_step)  # rows logged after the checkpoint are redone
+        truncate_csv_rows(metrics_path, start_step)  # rows logged after the checkpoint are redone
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                disable=not progress or not parallel.main,
@@ -382,7 +380,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
                    "ras": float(language.relation.detach()),
                    "psnr": float(psnr(reconstruction.detach(), images).mean()),
                    "images_per_second": throughput}
-            _append_csv(metrics_path, row)
+            append_csv_row(metrics_path, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}",
                             img_s=f"{throughput:.0f}")
             if log_prefix is not None:
@@ -477,36 +475,6 @@ def steps_until_interrupted(steps, total: int, save, *, enabled: bool = True):
                 raise TrainingInterrupted(save(step + 1), step + 1, total)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _truncate_csv(path: Path, last_step: int) -> None:
-    """Keep only the rows with step <= last_step (all of them are rewritten atomically)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    kept = [row for row in rows if int(row["step"]) <= last_step]
-    if not kept:
-        path.unlink()
-        return
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(kept[0]))
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write(path, text.getvalue())
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    """Append one row and sync it to disk (a log grows by appends; only its truncation on
-    resume rewrites the file, atomically)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        stream.flush()
-        os.fsync(stream.fileno())
 
 
 __all__ = ["train", "build_model", "build_backbone", "build_dataset", "batch_indices",

@@ -46,14 +46,9 @@ from lgvq.data import COLOUR_NAMES, SHAPE_NAMES, SceneAttributes, draw_one_capti
 from lgvq.data.shapes.rendering import object_masks
 from lgvq.downstream.codes import CodeSplit, FrozenTokenizer, encode_split, load_tokenizer
 from lgvq.downstream.transformer import CodeTransformer, TransformerShape, cosine_mask_ratio
+from lgvq.files import append_csv_row, truncate_csv_rows
 from lgvq.text import TextFeatureCache, caption_set_fingerprint
-from lgvq.training import (
-    RandomStream,
-    _append_csv,
-    _truncate_csv,
-    batch_indices,
-    step_generator,
-)
+from lgvq.training import RandomStream, batch_indices, step_generator
 from lgvq_kernels import resolve_device
 
 TASKS = ("generate", "complete", "t2i", "semantic")
@@ -344,7 +339,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
         start_step = load_checkpoint(checkpoint_path, model=model,
                                      optimizers={"model": optimizer})["step"]
     metrics_path = out_dir / "metrics.csv"
-    _truncate_csv(metrics_path, start_step)
+    truncate_csv_rows(metrics_path, start_step)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                disable=not progress, desc=f"downstream-{config.task}")
     last_time, last_step = time.perf_counter(), start_step
@@ -368,7 +363,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
             row = {"step": done, "loss": float(loss.detach()),
                    "learning_rate": _learning_rate(config, step),
                    "codes_per_second": codes_per_second}
-            _append_csv(metrics_path, row)
+            append_csv_row(metrics_path, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", codes_s=f"{codes_per_second:.0f}")
             if log_prefix is not None:
                 print(f"{log_prefix}: step {done}/{config.steps} loss {row['loss']:.4f} "

@@ -17,7 +17,8 @@ from lgvq.quantizers.clustered import ClusteredVectorQuantizer
 from lgvq.quantizers.residual import ResidualVQ
 from lgvq.quantizers.taming import TamingVectorQuantizer
 from lgvq.quantizers.types import CodebookUsage, LossBreakdown
-from lgvq.quantizers.vector_quantizer import VectorQuantizer, convert_vector_quantize_state_dict
+from lgvq.quantizers.peers import convert_vector_quantize_state_dict
+from lgvq.quantizers.vector_quantizer import VectorQuantizer
 
 __all__ = [
     "QUANTIZER_KINDS",

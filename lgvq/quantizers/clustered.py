@@ -20,7 +20,7 @@ from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import LossBreakdown, code_counts, codebook_usage_from_counts
-from lgvq.quantizers.vector_quantizer import check_backend
+from lgvq.quantizers.peers import check_backend
 from lgvq_kernels.functional import check_all_finite, nearest_code, quantize_straight_through
 
 ANCHORS = ("closest", "random")

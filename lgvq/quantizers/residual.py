@@ -10,12 +10,8 @@ from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import LossBreakdown
-from lgvq.quantizers.vector_quantizer import (
-    VectorQuantizer,
-    check_backend,
-    projected_dtype,
-    reject_options,
-)
+from lgvq.quantizers.peers import check_backend, projected_dtype, reject_options
+from lgvq.quantizers.vector_quantizer import VectorQuantizer
 from lgvq_kernels.functional import check_all_finite
 
 # Arguments ResidualVQ owns itself (layout, projections) and does not hand to its stages.

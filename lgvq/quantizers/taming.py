@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
 from lgvq.quantizers.types import code_counts, codebook_usage_from_counts
-from lgvq.quantizers.vector_quantizer import check_backend
+from lgvq.quantizers.peers import check_backend
 from lgvq_kernels.functional import check_all_finite, nearest_code, quantize_straight_through
 
 

@@ -68,3 +68,16 @@ def codebook_usage_from_counts(counts: Tensor) -> CodebookUsage:
     perplexity = entropy.exp().mean()
     used_fraction = (counts > 0).to(torch.float32).mean()
     return CodebookUsage(perplexity, used_fraction)
+
+
+class QuantizedRows(NamedTuple):
+    """What one pass of :meth:`VectorQuantizer.quantize_rows` produces (internal currency,
+    also used by ResidualVQ)."""
+
+    quantized: Tensor  # [M, heads * codebook_dim]: the codes, gradient to the input rows
+    indices: Tensor  # [M, heads] int64; -1 where the row mask is False
+    commitment: Tensor  # 0-d float32, mean over codebooks
+    codebook_loss: Tensor  # 0-d float32, mean over codebooks
+    searched_rows: list  # per codebook: the rows searched [M_c, codebook_dim] (detached)
+    searched_masks: list  # per codebook: bool [M_c] or None
+    searched_indices: list  # per codebook: int64 [M_c] nearest code of every row

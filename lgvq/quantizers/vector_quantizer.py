@@ -9,8 +9,6 @@ through; it never picks a kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,11 +16,18 @@ from torch import Tensor, nn
 from lgvq.quantizers import distributed
 from lgvq.quantizers.kmeans import kmeans, sample_rows
 from lgvq.quantizers.layout import TokenLayout, check_in_range, check_positive_int
+from lgvq.quantizers.peers import (
+    check_backend,
+    convert_vector_quantize_state_dict,
+    projected_dtype,
+    reject_options,
+)
 from lgvq.quantizers.rotation import rotate_onto_codes
 from lgvq.quantizers.snapshot import snapshot
 from lgvq.quantizers.types import (
     CodebookUsage,
     LossBreakdown,
+    QuantizedRows,
     code_counts,
     codebook_usage_from_counts,
 )
@@ -33,83 +38,6 @@ from lgvq_kernels.functional import (
     nearest_code,
     quantize_straight_through,
 )
-
-BACKEND_CHOICES = ("auto", "reference", "native", "triton")
-
-# vector-quantize-pytorch options lgvq does not implement (README, "The drop-in quantizer")
-PEER_ONLY_OPTIONS = (
-    "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
-    "codebook_diversity_loss_weight", "codebook_diversity_temperature",
-    "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "directional_reparam",
-    "affine_param", "accept_3d_fmap", "layernorm_after_project_in", "freeze_codebook",
-    "manual_ema_update", "in_place_codebook_optimizer", "sync_update_v", "vq_bridge",
-    "commitment_use_cross_entropy_loss", "return_zeros_for_masked_padding", "reinmax",
-    "sync_kmeans", "sync_affine_param", "learnable_codebook_init", "implicit_neural_codebook",
-    "use_ddp", "codebook_transform", "kmeans_init_fn", "diveq",
-)
-
-
-# vector-quantize-pytorch's state-dict names -> ours (same shapes and meaning; the parity tests
-# compare these buffers directly)
-PEER_STATE_NAMES = {"_codebook.embed": "codebooks", "_codebook.cluster_size": "cluster_size",
-                    "_codebook.embed_avg": "embed_sum", "_codebook.initted": "kmeans_done"}
-
-
-def convert_vector_quantize_state_dict(state_dict: dict, prefix: str = "", *,
-                                       ema_update: bool = True) -> dict:
-    """A vector-quantize-pytorch ``VectorQuantize`` state dict (keys under ``prefix``) with
-    lgvq's names, in place; returned for convenience. ``project_in``/``project_out`` keep their
-    names. Without ``ema_update`` the peer's ``embed_avg`` (which it keeps even then) is
-    dropped. A state dict with lgvq's names is left as it is."""
-    if prefix + "_codebook.embed" not in state_dict:
-        return state_dict
-    for theirs, ours in PEER_STATE_NAMES.items():
-        if prefix + theirs in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
-    if not ema_update:
-        state_dict.pop(prefix + "embed_sum", None)
-    return state_dict
-
-
-def reject_options(class_name: str, options: dict) -> None:
-    """TypeError naming ``class_name`` (the class the user called) for ``options`` it does not
-    take, and what to do."""
-    if not options:
-        return
-    names = sorted(options)
-    peer = [name for name in names if name in PEER_ONLY_OPTIONS]
-    if peer:
-        raise TypeError(f"{class_name} does not offer vector-quantize-pytorch's {peer}: remove "
-                        "them (the README's 'The drop-in quantizer' lists what lgvq supports "
-                        "and how it differs)")
-    raise TypeError(f"{class_name} got unexpected keyword arguments {names}")
-
-
-def check_backend(backend) -> None:
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-
-
-def projected_dtype(module: nn.Module, codes: Tensor) -> Tensor:
-    """codes (float32, from the codebook) in the dtype of ``module.project_out`` (the module's
-    dtype after .half()/.bfloat16()/.double()); unchanged without projections."""
-    if not module.has_projections:
-        return codes
-    return codes.to(module.project_out.weight.dtype)
-
-
-class QuantizedRows(NamedTuple):
-    """What one pass of :meth:`VectorQuantizer.quantize_rows` produces (internal currency,
-    also used by ResidualVQ)."""
-
-    quantized: Tensor  # [M, heads * codebook_dim]: the codes, gradient to the input rows
-    indices: Tensor  # [M, heads] int64; -1 where the row mask is False
-    commitment: Tensor  # 0-d float32, mean over codebooks
-    codebook_loss: Tensor  # 0-d float32, mean over codebooks
-    searched_rows: list  # per codebook: the rows searched [M_c, codebook_dim] (detached)
-    searched_masks: list  # per codebook: bool [M_c] or None
-    searched_indices: list  # per codebook: int64 [M_c] nearest code of every row
-
 
 class VectorQuantizer(nn.Module):
     """Vector quantization layer, a drop-in for vector-quantize-pytorch's ``VectorQuantize``.
