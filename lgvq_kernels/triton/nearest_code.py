@@ -164,13 +164,14 @@ def _prune_gpu_configs(configs, named_args, **kwargs):
 # _interpreter_blocks instead). Keyed on K, D, a power-of-2 bucket of N and the dtypes
 # (the autotuner appends tensor dtypes to the key). Configs checked with ptxas -v for sm_90:
 # no spills for fp16/bf16/tf32 (up to 128-wide kept x); not yet timed on a GPU.
+GPU_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+               for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+                                    (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3),
+                                    (128, 64, 8, 3), (128, 128, 8, 3)]]
 _nearest_code_kernel_autotuned = None if INTERPRET else triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
-                             (64, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                             (128, 128, 8, 3)]
-    ],
+    configs=[triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
+                           num_warps=c["num_warps"], num_stages=c["num_stages"])
+             for c in GPU_CONFIGS],
     key=["K", "D", "N_BUCKET", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gpu_configs},
 )(_nearest_code_kernel)
@@ -189,6 +190,10 @@ def _block_d(dim: int, fma_dot: bool) -> int:
     # 128-wide x tile without spilling; fp32 "ieee" (FMA, no tensor cores) spills above 32.
     keep_max, chunk = (32, 32) if fma_dot else (128, 64)
     return padded if padded <= keep_max else chunk
+
+
+def split_args_for_aot() -> dict:
+    return {}
 
 
 def _heuristic_config(num_rows: int, num_codes: int) -> dict:
