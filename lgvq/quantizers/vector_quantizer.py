@@ -89,7 +89,8 @@ class VectorQuantizer(nn.Module):
         when a process group with more than one rank is initialised.
       accept_image_fmap: inputs are feature maps ``[B, dim, H, W]``.
       channel_last: inputs are ``[B, N, dim]`` (or ``[B, dim]``); False: ``[B, dim, N]``.
-      check_finite: raise ValueError when x holds NaN/Inf (one host sync per forward).
+      check_finite: raise ValueError when x holds NaN/Inf. Off by default: the check is
+        one host sync per forward (vector-quantize-pytorch does not check either).
       backend: kernel backend of every op: "auto", "reference", "native" or "triton".
 
     State: ``codebooks`` float32 ``[C, K, codebook_dim]`` (C = heads with separate codebooks,
@@ -123,7 +124,7 @@ class VectorQuantizer(nn.Module):
                  kmeans_init: bool = False, kmeans_iters: int = 10,
                  threshold_ema_dead_code: float = 0.0, rotation_trick: bool = False,
                  sync_codebook: bool | None = None, accept_image_fmap: bool = False,
-                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto"):
+                 channel_last: bool = True, check_finite: bool = False, backend: str = "auto"):
         super().__init__()
         codebook_dim = dim if codebook_dim is None else codebook_dim
         ema_update = (not learnable_codebook) if ema_update is None else bool(ema_update)

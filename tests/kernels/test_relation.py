@@ -180,8 +180,9 @@ def test_cuda_matches_cpu_reference(backend, shape):
                                                      kernel_device("triton")),
                     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 def test_triton_word_limit_is_a_backend_limit():
-    """More words per sample than one program's registers hold: the triton backend cannot serve
-    the call (the native and reference backends can); nothing is launched."""
-    words, visual, codes, mask = (t.to(kernel_device("triton")) for t in make(1, 257, 1, 16))
-    with pytest.raises(BackendUnavailableError, match="at most 256"):
+    """More words per sample than the shipped tiles take (L = 256 needs 288 KiB of shared
+    memory): the triton backend cannot serve the call (the native and reference backends can);
+    nothing is launched."""
+    words, visual, codes, mask = (t.to(kernel_device("triton")) for t in make(1, 129, 1, 16))
+    with pytest.raises(BackendUnavailableError, match="129 tokens.*at most 128"):
         implementation("relation_alignment_loss", "triton")(words, visual, codes, mask)
