@@ -111,28 +111,36 @@ _DTYPE = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 def nearest_code_specs() -> list[Spec]:
     """Every GPU config of the nearest-code kernel (the autotuned list, which holds the
     heuristic ones) for the headline dtypes at D = 64 / 100 / 256 (the x tile kept in registers
-    or chunked), fp32 ieee at its one small D, and the split-codebook variant."""
+    or chunked) and fp32 ieee at a small D; the split-codebook variant (partial outputs) of the
+    largest config; the merge kernel."""
     from lgvq_kernels.triton import nearest_code as nc
 
     specs = []
     cases = [("bfloat16", "ieee", 256), ("bfloat16", "ieee", 64), ("float32", "tf32", 100),
              ("float32", "tf32", 256), ("float32", "ieee", 64)]
+    largest = max(nc.GPU_CONFIGS, key=lambda c: (c["BLOCK_N"] * c["BLOCK_K"], c["num_warps"]))
     for dtype, precision, dim in cases:
         block_d = nc._block_d(dim, fma_dot=dtype == "float32" and precision == "ieee")
-        for config in nc.GPU_CONFIGS:
+        variants = [(config, False) for config in nc.GPU_CONFIGS] + [(largest, True)]
+        for config, split in variants:
             block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
             pointer = _DTYPE[dtype]
             args = dict(x_ptr=pointer, codebook_ptr=pointer, sqnorm_ptr="*fp32",
-                        indices_ptr="*i64", distances_ptr="*fp32", N="i32", K="i32",
+                        indices_ptr="*i64", distances_ptr="*fp32", part_score_ptr="*fp32",
+                        part_index_ptr="*i32", row_stats_ptr="*fp32", N="i32", K="i32",
                         stride_xn="i32", stride_xd=1, stride_ck="i32", stride_cd=1,
-                        N_BUCKET="i32", D=dim, BLOCK_N=block_n, BLOCK_K=block_k,
-                        BLOCK_D=block_d, IS_COSINE=False, INPUT_PRECISION=precision,
-                        INTERPRETING=False)
-            args.update(nc.split_args_for_aot())
+                        N_BUCKET="i32", SPLITS="i32", D=dim, BLOCK_N=block_n,
+                        BLOCK_K=block_k, BLOCK_D=block_d, IS_COSINE=False,
+                        INPUT_PRECISION=precision, SPLIT=split, INTERPRETING=False)
             specs.append(Spec(f"nearest_code {dtype}/{precision} D={dim} "
                               f"{block_n}x{block_k} w{config['num_warps']} "
-                              f"s{config['num_stages']}", nc._nearest_code_kernel, args,
-                              config["num_warps"], config["num_stages"]))
+                              f"s{config['num_stages']}{' split' if split else ''}",
+                              nc._nearest_code_kernel, args, config["num_warps"],
+                              config["num_stages"]))
+    merge = dict(part_score_ptr="*fp32", part_index_ptr="*i32", row_stats_ptr="*fp32",
+                 indices_ptr="*i64", distances_ptr="*fp32", N="i32", SPLITS="i32",
+                 BLOCK_N=256, IS_COSINE=False)
+    specs.append(Spec("nearest_code merge 256 rows", nc._merge_splits_kernel, merge, 4))
     return specs
 
 
