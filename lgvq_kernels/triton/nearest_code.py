@@ -22,6 +22,8 @@ from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, check_same_
 # LGVQ_TRITON_AUTOTUNE=0: one heuristic config per shape instead of benchmarking up to 8 per
 # new (K, D, N bucket, dtype) on GPU (each costs a compile: tests, quick runs).
 _AUTOTUNE = os.environ.get("LGVQ_TRITON_AUTOTUNE", "1") != "0"
+# LGVQ_TRITON_AUTOTUNE_CONFIGS=n: try at most n configs per shape key (0: all; gpu_check uses 3).
+_AUTOTUNE_CONFIGS = int(os.environ.get("LGVQ_TRITON_AUTOTUNE_CONFIGS", "0") or 0)
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -203,14 +205,27 @@ def _merge_splits_kernel(part_score_ptr, part_index_ptr, row_stats_ptr, indices_
 
 
 def _prune_gpu_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (more padding than work); keep at least one."""
+    """Drop tiles far larger than the problem (more padding than work); keep at least one.
+    With LGVQ_TRITON_AUTOTUNE_CONFIGS=n > 0, at most n: the heuristic config first, then the
+    others in list order (each config tried costs a compile and a timing on the first call)."""
     n_cap = max(16, triton.next_power_of_2(named_args["N"]))
     k_cap = max(16, triton.next_power_of_2(named_args["K"]))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-    if kept:
-        return kept
-    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
-    return [smallest]
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return cap_configs(kept, _heuristic_config(named_args["N"], named_args["K"]),
+                       _AUTOTUNE_CONFIGS)
+
+
+def cap_configs(configs: list, preferred: dict, limit: int) -> list:
+    """At most ``limit`` configs (all when limit <= 0), the one matching ``preferred`` first."""
+    def matches(config) -> bool:
+        return (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+                config.num_stages) == (preferred["BLOCK_N"], preferred["BLOCK_K"],
+                                       preferred["num_warps"], preferred["num_stages"])
+
+    ordered = [c for c in configs if matches(c)] + [c for c in configs if not matches(c)]
+    return ordered[:limit] if limit > 0 else ordered
 
 
 # GPU only: triton.autotune's default benchmarking needs a device (the interpreter uses

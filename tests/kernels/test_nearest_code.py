@@ -699,3 +699,17 @@ def test_triton_split_ties_go_to_lowest_index_across_ranges(monkeypatch):
     ref_indices, ref_distances = reference.nearest_code(x, codebook, None, "l2", "ieee")
     assert torch.equal(indices.cpu(), ref_indices.cpu())
     torch.testing.assert_close(distances.cpu(), ref_distances.cpu().float(), equal_nan=True)
+
+
+def test_autotune_cap_keeps_the_heuristic_config_first():
+    import triton
+
+    module = launcher()
+    configs = [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
+                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+               for c in module.GPU_CONFIGS]
+    preferred = module._heuristic_config(16384, 16384)
+    capped = module.cap_configs(configs, preferred, 3)
+    assert len(capped) == 3
+    assert capped[0].kwargs == {"BLOCK_N": preferred["BLOCK_N"], "BLOCK_K": preferred["BLOCK_K"]}
+    assert len(module.cap_configs(configs, preferred, 0)) == len(configs)
