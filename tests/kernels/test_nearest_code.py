@@ -436,6 +436,18 @@ def check_launcher_against_oracle(x, codebook, indices, distances, metric, preci
                          launcher_tolerance(x, codebook, metric, precision), CLEAR_GAP)
 
 
+def clear_rows(x, codebook, metric, gap=1e-3):
+    """Rows whose two best finite float64 scores differ by more than ``gap``: there a GPU's
+    rounding (fma contraction, approximate division and square root, another summation order)
+    cannot change the choice."""
+    xd, cd = x.cpu().double(), codebook.cpu().double()
+    scores = -(xd @ cd.t()) if metric == "cosine" else cd.pow(2).sum(1)[None, :] - 2.0 * (
+        xd @ cd.t())
+    scores = torch.where(torch.isfinite(scores), scores, torch.inf)
+    top2 = scores.topk(2, dim=1, largest=False).values
+    return (top2[:, 1] - top2[:, 0] > gap) & torch.isfinite(top2[:, 0])
+
+
 def check_against_reference(x, codebook, codebook_sqnorm, indices, distances, metric):
     """Same indices as the reference backend where the exact top-2 gap of the very scores both
     compute (no renormalisation, the given sqnorm) is clear; close distances."""
@@ -596,7 +608,11 @@ def test_triton_non_finite(request, blocks, dtype, metric):
     assert bool(distances[3].isnan()) and bool(distances[4].isnan())
     finite_rows = [r for r in range(20) if r not in (3, 4)]
     assert not bool(((indices[finite_rows] == 0) | (indices[finite_rows] == 20)).any())
-    assert torch.equal(indices.cpu(), ref_indices.cpu())
+    if INTERPRET:  # the reference's float32 operations, in the same order: the same choice
+        assert torch.equal(indices.cpu(), ref_indices.cpu())
+    else:  # compiled: fma contraction and another summation order; near-ties may go either way
+        clear = clear_rows(x, codebook, metric)
+        assert torch.equal(indices.cpu()[clear], ref_indices.cpu()[clear])
     torch.testing.assert_close(distances.cpu(), ref_distances.cpu().float(), rtol=1e-4,
                                atol=1e-4, equal_nan=True)
 
