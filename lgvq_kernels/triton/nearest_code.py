@@ -230,12 +230,20 @@ def cap_configs(configs: list, preferred: dict, limit: int) -> list:
 
 # GPU only: triton.autotune's default benchmarking needs a device (the interpreter uses
 # _interpreter_blocks instead). Keyed on K, D, a power-of-2 bucket of N and the dtypes
-# (the autotuner appends tensor dtypes to the key). Configs checked with ptxas -v for sm_90:
-# no spills for fp16/bf16/tf32 (up to 128-wide kept x); not yet timed on a GPU.
+# (the autotuner appends tensor dtypes to the key). Not yet timed on a GPU. Ahead-of-time
+# compile (python -m lgvq_kernels.triton._aot, Triton 3.9; bytes spilled on sm_90 / sm_80):
+# - every config fits the shared memory of both; the largest is 224.5 KiB (tf32, D = 100 kept
+#   as a 128-wide x tile, 64 x 128 codes, 3 stages) of the 227 KiB of an H100/H200. 128 x 128
+#   tiles are gone: at tf32 D = 100 they needed 256 KiB (sm_90) and 193 KiB (sm_80, 163 KiB).
+# - the kernel is register-bound and most configs spill (255 registers): bf16 D = 64 is
+#   spill-free at 32 x 64 / 4 warps and 128 x 64 / 8 warps (and 64 x 128 / 8 warps on sm_90);
+#   bf16 D = 256 (chunked x) spills 192-1760 bytes whatever the tile (128 x 64 / 8 warps:
+#   272 / 536); tf32 D = 100 spills 352-1952 on sm_90 except 32 x 64 / 4 warps (0 / 120);
+#   tf32 D = 256 688-2744; fp32 ieee D = 64 24-1304. Correct, but slower than the tiles allow.
 GPU_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                for bn, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
                                     (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3),
-                                    (128, 64, 8, 3), (128, 128, 8, 3)]]
+                                    (128, 64, 8, 3)]]
 _nearest_code_kernel_autotuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
                            num_warps=c["num_warps"], num_stages=c["num_stages"])
@@ -254,8 +262,9 @@ def _block_d(dim: int, fma_dot: bool) -> int:
     padded = max(16, triton.next_power_of_2(dim))
     if INTERPRET:
         return min(padded, 64)  # the interpreter's x.c is a BLOCK_N x BLOCK_D x BLOCK_K product
-    # ptxas -v for sm_90 (Triton 3.9): fp16/bf16 and tf32 tiles of up to 128 x 128 codes keep a
-    # 128-wide x tile without spilling; fp32 "ieee" (FMA, no tensor cores) spills above 32.
+    # A 128-wide x tile is kept across the codebook loop for fp16/bf16/tf32, up to 32 for fp32
+    # "ieee" (FMA, no tensor cores); wider D is chunked. Both spill at most tiles: see the
+    # ahead-of-time numbers above GPU_CONFIGS.
     keep_max, chunk = (32, 32) if fma_dot else (128, 64)
     return padded if padded <= keep_max else chunk
 
