@@ -61,6 +61,9 @@ COMPAT_PYTHON ?= $(shell command -v python3.12 || command -v python3)
 COMPAT_TORCH_SPEC ?= torch==2.11.0
 COMPAT_TRITON_SPEC ?= triton==3.6.0
 COMPAT_TESTS ?= tests
+# Triton 3.6's interpreter takes int() of 1-element arrays, an error from NumPy 2.4 on (every
+# `range` over a kernel argument fails: "only 0-dimensional arrays can be converted").
+COMPAT_NUMPY_SPEC ?= numpy<2.4
 COMPAT_BUILD_CUDA ?= 0
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 
@@ -72,6 +75,7 @@ $(COMPAT_VENV)/.deps: requirements.txt
 	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check \
 		-r $(COMPAT_VENV)/requirements.txt "$(COMPAT_TORCH_SPEC)" "$(COMPAT_TRITON_SPEC)"
 	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(TEXT_ENCODER_SPEC)"
+	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check "$(COMPAT_NUMPY_SPEC)"
 	touch $@
 
 $(COMPAT_VENV)/.native: $(COMPAT_VENV)/.deps $(NATIVE_SOURCES)
