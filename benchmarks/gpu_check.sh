@@ -104,6 +104,15 @@ build() {
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || arch=""
     export LGVQ_CUDA_ARCHS=${LGVQ_CUDA_ARCHS:-$arch}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    # torch takes CUDA_HOME from `which nvcc` when unset; an nvcc outside the toolkit (a copy
+    # in /usr/local/bin) gives an include path without cuda_runtime.h
+    if [[ -z ${CUDA_HOME:-} ]]; then
+      local home
+      for home in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+        [[ -f $home/include/cuda_runtime.h ]] && { export CUDA_HOME=$home; break; }
+      done
+    fi
+    echo "CUDA_HOME=${CUDA_HOME:-unset}; nvcc: $(command -v nvcc)"
     echo "building for arch ${LGVQ_CUDA_ARCHS:-default} with MAX_JOBS=$MAX_JOBS"
     # in place, no pip: nothing fetched, nothing installed into the image
     "$PY" setup.py build_ext --inplace
