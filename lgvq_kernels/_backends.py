@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -47,6 +47,12 @@ TRITON_LAUNCHERS = {
     "relation_alignment_loss_backward": ("relation", "relation_alignment_backward"),
 }
 OPS = tuple(TRITON_LAUNCHERS)
+
+# Size limits of a backend's kernels, checked by the registry so that backend="auto" passes over
+# a backend that would refuse the call. The Triton relation kernels keep a sample's three
+# [L, L] fp32 Gram tiles in one program; at L = 256 the backward needs 288 KiB of shared memory
+# (see lgvq_kernels/triton/relation.py for the measured table).
+TRITON_RELATION_MAX_WORDS = 128
 
 
 class BackendUnavailableError(RuntimeError):
@@ -155,10 +161,24 @@ def _dtype_info(backend: str, device_type: str, dtypes: Iterable[torch.dtype]) -
     return BackendInfo(True, "")
 
 
+def size_info(backend: str, op: str, sizes: Mapping[str, int] | None) -> BackendInfo:
+    """Whether the kernels of ``backend`` take an ``op`` call of these ``sizes`` (names as in
+    the op's docstring: "words" is the relation op's L, tokens per sample)."""
+    sizes = sizes or {}
+    if backend == "triton" and op.startswith("relation_alignment_loss"):
+        words = int(sizes.get("words", 0))
+        if words > TRITON_RELATION_MAX_WORDS:
+            return BackendInfo(False, f"words has {words} tokens per sample; the triton backend "
+                                      f"takes at most {TRITON_RELATION_MAX_WORDS} (use the "
+                                      "native or reference backend)")
+    return BackendInfo(True, "")
+
+
 def backend_info(backend: str, device: torch.device | str, op: str,
-                 dtypes: Iterable[torch.dtype] = ()) -> BackendInfo:
-    """Whether ``backend`` can run ``op`` on ``device`` with floating inputs of ``dtypes``
-    (and why not)."""
+                 dtypes: Iterable[torch.dtype] = (),
+                 sizes: Mapping[str, int] | None = None) -> BackendInfo:
+    """Whether ``backend`` can run ``op`` on ``device`` with floating inputs of ``dtypes`` and
+    the ``sizes`` of ``size_info`` (and why not)."""
     _check_op(op)
     device_type = torch.device(device).type
     if backend == "reference":
@@ -169,7 +189,10 @@ def backend_info(backend: str, device: torch.device | str, op: str,
         info = _triton_info(device_type, op)
     else:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    return info if not info.available else _dtype_info(backend, device_type, dtypes)
+    if not info.available:
+        return info
+    info = _dtype_info(backend, device_type, dtypes)
+    return info if not info.available else size_info(backend, op, sizes)
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> dict[str, BackendInfo]:
@@ -178,10 +201,11 @@ def available_backends(op: str, device: torch.device | str = "cpu") -> dict[str,
 
 
 def resolve_backend(backend: str, device: torch.device | str, op: str,
-                    dtypes: Iterable[torch.dtype] = ()) -> str:
+                    dtypes: Iterable[torch.dtype] = (),
+                    sizes: Mapping[str, int] | None = None) -> str:
     """Turn a user's backend choice ("auto" or a name) into a backend that can run ``op`` on
-    ``device`` with floating inputs of ``dtypes``, or raise ``BackendUnavailableError`` saying
-    why."""
+    ``device`` with floating inputs of ``dtypes`` and the ``sizes`` of ``size_info``, or raise
+    ``BackendUnavailableError`` saying why. "auto" never picks a backend that would refuse."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     _check_op(op)
@@ -193,10 +217,10 @@ def resolve_backend(backend: str, device: torch.device | str, op: str,
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if name == "triton" and device_type != "cuda":
                 continue  # never the interpreter
-            if backend_info(name, device_type, op, dtypes).available:
+            if backend_info(name, device_type, op, dtypes, sizes).available:
                 return name
         return "reference"
-    info = backend_info(backend, device_type, op, dtypes)
+    info = backend_info(backend, device_type, op, dtypes, sizes)
     if not info.available:
         raise BackendUnavailableError(
             f"backend {backend!r} cannot serve {op} on {device_type} tensors: {info.reason}")

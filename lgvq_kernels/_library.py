@@ -60,13 +60,12 @@ def _nearest_code_backward(ctx, grad_indices, grad_distances):
         grad_x, grad_chosen = -chosen * g, -xf * g
     elif ctx.has_sqnorm:  # d = |x|^2 - 2 x.c + sqnorm[k]: sqnorm is an independent input
         grad_x, grad_chosen = 2.0 * (xf - chosen) * g, -2.0 * xf * g
-        grad_sqnorm = torch.zeros(codebook.shape[0], dtype=dtype, device=x.device)
-        grad_sqnorm = grad_sqnorm.index_add(0, indices, g[:, 0])
+        grad_sqnorm = reference.segment_sum(g[:, 0], indices, codebook.shape[0])
     else:  # d = |x - c|^2
         grad_x = 2.0 * (xf - chosen) * g
         grad_chosen = -grad_x
-    grad_codebook = torch.zeros(codebook.shape, dtype=dtype, device=x.device)
-    grad_codebook = grad_codebook.index_add(0, indices, grad_chosen)
+    # a deterministic segment sum (index_add would use float atomics on CUDA)
+    grad_codebook = reference.segment_sum(grad_chosen, indices, codebook.shape[0])
     return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype), grad_sqnorm, None, None, None
 
 

@@ -80,10 +80,12 @@ def check_real(name: str, value) -> None:
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device, op: str, *dtypes: torch.dtype) -> str:
-    """The backend that serves ``op`` on ``device`` for floating inputs of ``dtypes``: a
-    constant to torch.compile (the choice depends on nothing a graph computes)."""
-    return resolve_backend(backend, device, op, dtypes)
+def _resolve(backend: str, device: torch.device, op: str, *dtypes: torch.dtype,
+             words: int = 0) -> str:
+    """The backend that serves ``op`` on ``device`` for floating inputs of ``dtypes`` (and, for
+    the relation op, ``words`` tokens per sample): a constant to torch.compile (the choice
+    depends on nothing a graph computes)."""
+    return resolve_backend(backend, device, op, dtypes, {"words": words} if words else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def relation_alignment_loss(words: Tensor, visual: Tensor, codes: Tensor, word_m
     if visual.shape[1] == 0:
         raise ValueError("visual must hold at least one position (M >= 1)")
     resolved = _resolve(backend, codes.device, "relation_alignment_loss", words.dtype,
-                        visual.dtype, codes.dtype)
+                        visual.dtype, codes.dtype, words=length)
     loss, chosen = torch.ops.lgvq.relation_alignment_loss(
         words.contiguous(), visual.contiguous(), codes.contiguous(), word_mask.contiguous(),
         resolved)

@@ -16,6 +16,39 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _SegmentSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, num_segments: int) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.num_segments = num_segments
+        out = values.new_zeros((num_segments, *values.shape[1:]))
+        if values.shape[0] == 0 or num_segments == 0:
+            return out
+        sorted_indices, order = torch.sort(indices, stable=True)
+        boundaries = torch.arange(num_segments + 1, dtype=indices.dtype, device=indices.device)
+        offsets = torch.searchsorted(sorted_indices, boundaries)
+        # one serial sum per segment and column on CPU and CUDA alike (no atomics)
+        return torch.segment_reduce(values.index_select(0, order), "sum", offsets=offsets,
+                                    axis=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        valid = (indices >= 0) & (indices < ctx.num_segments)
+        safe = torch.where(valid, indices, 0)
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        return grad.index_select(0, safe) * valid.reshape(shape).to(grad.dtype), None, None
+
+
+def segment_sum(values: Tensor, indices: Tensor, num_segments: int) -> Tensor:
+    """out[k] = the sum of values[i] over the rows i with indices[i] == k, shape
+    [num_segments, *values.shape[1:]], values' dtype. Deterministic on every device: the rows are
+    sorted by index (stable) and every segment is summed in ascending row order, with no float
+    atomics (``index_add`` and ``scatter_add`` use them on CUDA). Indices outside
+    [0, num_segments) add nothing. Differentiable, twice (its gradient is a gather)."""
+    return _SegmentSum.apply(values, indices, num_segments)
+
+
 def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, metric: str,
                  precision: str) -> tuple[Tensor, Tensor]:
     """x [N, D], codebook [K, D] (same dtype), codebook_sqnorm [K] or None.
@@ -147,8 +180,7 @@ def quantize_straight_through_backward(grad_quantized: Tensor | None, grad_commi
     if grad_quantized is not None:
         grad_x = grad_x + grad_quantized.to(dtype)
     per_row = diff * (-grad_codebook_loss.to(dtype) * scale)
-    grad_codebook = torch.zeros(num_codes, dim, dtype=dtype, device=x.device)
-    grad_codebook = grad_codebook.index_add(0, indices, per_row)
+    grad_codebook = segment_sum(per_row, indices, num_codes)
     return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)
 
 
@@ -170,8 +202,7 @@ def codebook_statistics(x: Tensor, indices: Tensor, num_codes: int,
     rows = torch.cat([x.to(dtype), torch.ones(x.shape[0], 1, dtype=dtype, device=x.device)], 1)
     if mask is not None:
         rows = rows * mask.to(dtype)[:, None]
-    stats = torch.zeros(num_codes, x.shape[1] + 1, dtype=dtype, device=x.device)
-    return stats.index_add(0, indices, rows)
+    return segment_sum(rows, indices, num_codes)
 
 
 def codebook_ema_update_(stats: Tensor, cluster_size: Tensor, embed_sum: Tensor,
@@ -290,6 +321,8 @@ def relation_alignment_loss_backward(grad_loss: Tensor, words: Tensor, visual: T
     projected = grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)
     grad_scaled = torch.where(norm > 1e-12, projected, grad_unit) / safe_norm
     grad_gathered = grad_scaled * similarity[..., None]
-    grad_codes = torch.zeros(codes.shape, dtype=unit.dtype, device=codes.device)
-    grad_codes.scatter_add_(1, chosen[..., None].expand(-1, -1, codes.shape[2]), grad_gathered)
-    return grad_codes.to(codes.dtype)
+    batch, positions, width = codes.shape
+    # per sample and position: one segment per (b, p), summed over the words in order
+    flat = (chosen + positions * torch.arange(batch, device=chosen.device)[:, None]).reshape(-1)
+    grad_codes = segment_sum(grad_gathered.reshape(-1, width), flat, batch * positions)
+    return grad_codes.reshape(codes.shape).to(codes.dtype)

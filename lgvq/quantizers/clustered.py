@@ -57,7 +57,7 @@ class ClusteredVectorQuantizer(nn.Module):
                  anchor: str = "closest", contrastive_weight: float = 0.0,
                  contrastive_temperature: float = 0.07, sync_codebook: bool | None = None,
                  accept_image_fmap: bool = False, channel_last: bool = True,
-                 check_finite: bool = True, backend: str = "auto"):
+                 check_finite: bool = False, backend: str = "auto"):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("codebook_size", codebook_size)

@@ -46,7 +46,7 @@ class ResidualVQ(nn.Module):
                  codebook_dim: int | None = None, shared_codebook: bool = False,
                  quantize_dropout: float | bool = 0.0, quantize_dropout_cutoff_index: int = 0,
                  accept_image_fmap: bool = False, channel_last: bool = True,
-                 check_finite: bool = True, backend: str = "auto", **quantizer_kwargs):
+                 check_finite: bool = False, backend: str = "auto", **quantizer_kwargs):
         super().__init__()
         codebook_dim = dim if codebook_dim is None else codebook_dim
         check_positive_int("dim", dim)

@@ -30,7 +30,8 @@ class TamingVectorQuantizer(nn.Module):
       return_min_encodings: also return the ``[B*H*W, n_e]`` one-hot matrix taming's first
         VectorQuantizer returned. Off by default: it is N x K memory, and VectorQuantizer2
         returns None there too.
-      check_finite: raise ValueError when z holds NaN/Inf (one host sync per forward).
+      check_finite: raise ValueError when z holds NaN/Inf. Off by default: the check is
+        one host sync per forward (vector-quantize-pytorch does not check either).
       backend: kernel backend: "auto", "reference", "native" or "triton".
 
     The codebook is ``embedding.weight`` (``nn.Embedding(n_e, e_dim)``, uniform in
@@ -39,7 +40,7 @@ class TamingVectorQuantizer(nn.Module):
 
     def __init__(self, n_e: int, e_dim: int, beta: float, remap=None, unknown_index="random",
                  sane_index_shape: bool = False, legacy: bool = True, *,
-                 return_min_encodings: bool = False, check_finite: bool = True,
+                 return_min_encodings: bool = False, check_finite: bool = False,
                  backend: str = "auto"):
         super().__init__()
         check_positive_int("n_e", n_e)

@@ -74,7 +74,8 @@ class VectorQuantizer(nn.Module):
         when a process group with more than one rank is initialised.
       accept_image_fmap: inputs are feature maps ``[B, dim, H, W]``.
       channel_last: inputs are ``[B, N, dim]`` (or ``[B, dim]``); False: ``[B, dim, N]``.
-      check_finite: raise ValueError when x holds NaN/Inf (one host sync per forward).
+      check_finite: raise ValueError when x holds NaN/Inf. Off by default: the check is
+        one host sync per forward (vector-quantize-pytorch does not check either).
       backend: kernel backend of every op: "auto", "reference", "native" or "triton".
 
     State: ``codebooks`` float32 ``[C, K, codebook_dim]`` (C = heads with separate codebooks,
@@ -112,7 +113,7 @@ class VectorQuantizer(nn.Module):
                  kmeans_init: bool = False, kmeans_iters: int = 10,
                  threshold_ema_dead_code: float = 0.0, rotation_trick: bool | None = None,
                  sync_codebook: bool | None = None, accept_image_fmap: bool = False,
-                 channel_last: bool = True, check_finite: bool = True, backend: str = "auto",
+                 channel_last: bool = True, check_finite: bool = False, backend: str = "auto",
                  **unsupported):
         super().__init__()
         reject_options(type(self).__name__, unsupported)

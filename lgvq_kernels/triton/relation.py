@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lgvq_kernels._backends import BackendUnavailableError
+from lgvq_kernels._backends import BackendUnavailableError, size_info
 from lgvq_kernels.triton._common import (INTERPRET, check_can_serve, device_guard,
                                          round_to_bfloat16)
 
@@ -201,16 +201,36 @@ def _relation_backward_kernel(words_ptr, visual_ptr, codes_ptr, mask_ptr, coef_p
 # launchers
 # --------------------------------------------------------------------------------------------
 
-# The whole [L, L] Gram difference of a sample lives in one program's registers.
-_MAX_WORDS = 256
-
-
 def _check(words: torch.Tensor, visual: torch.Tensor, codes: torch.Tensor) -> None:
     check_can_serve(words=words, visual=visual, codes=codes)
-    if words.shape[1] > _MAX_WORDS:
-        raise BackendUnavailableError(
-            f"words has {words.shape[1]} tokens; the triton backend takes at most {_MAX_WORDS} "
-            "per sample (use the native or reference backend)")
+    info = size_info("triton", "relation_alignment_loss", {"words": words.shape[1]})
+    if not info.available:
+        raise BackendUnavailableError(info.reason)
+
+
+# Tiles per BLOCK_L (the padded words per sample) on a GPU: (BLOCK_M, BLOCK_C, num_warps).
+# Measured with the ahead-of-time compile (python -m lgvq_kernels.triton._aot --only relation,
+# Triton 3.9, C = 256, fp32; fp32 ieee dots are FMA dots, register-heavy); registers / spilled
+# (stack) bytes of the forward, the backward, on sm_90 then sm_80:
+#   16:  (64, 16, 8)   95/0, 76/0;     80/0, 64/0         shared 15 KiB
+#   32:  (64, 32, 8)   192/0, 148/0;   190/0, 128/0       shared 36 KiB
+#   64:  (16, 16, 8)   154/0, 255/8;   128/24, 255/0      shared 24 KiB (the least spilling of
+#                      the tiles tried; 16 warps spill ~200 bytes in the backward)
+#   128: (16, 16, 16)  128/392, 128/1088; 128/248, 128/904 shared 48 / 80 KiB: the three
+#                      [128, 128] fp32 Gram tiles do not fit in registers whatever the tiles
+#                      (8 warps spill 584 / 2640 bytes on sm_90); correct, slower.
+# 256 is not shipped: its backward's dot reads the [256, 256] fp32 difference through 288 KiB
+# of shared memory (227 KiB on H100/H200, 163 KiB on A100): OutOfResources. Longer captions
+# go to the native kernel (backend="auto" knows the limit: _backends.TRITON_RELATION_MAX_WORDS).
+# Not yet timed on a GPU.
+_GPU_TILES = {16: (64, 16, 8), 32: (64, 32, 8), 64: (16, 16, 8), 128: (16, 16, 16)}
+GPU_BLOCK_LS = tuple(_GPU_TILES)
+
+
+def _gpu_meta(block_l: int) -> dict:
+    """GPU tiles for BLOCK_L (a power of two in [16, TRITON_RELATION_MAX_WORDS])."""
+    block_m, block_c, num_warps = _GPU_TILES[block_l]
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
 
 
 def _meta(length: int, positions: int, width: int) -> dict:
@@ -218,18 +238,11 @@ def _meta(length: int, positions: int, width: int) -> dict:
     if INTERPRET:
         # ~0.5 ms per tl op per loop trip whatever the tile: few, large tiles (capped, the
         # similarity is a BLOCK_L x BLOCK_M x BLOCK_C broadcast product there).
-        block_m = min(128, max(16, triton.next_power_of_2(positions)))
-        block_c = min(128, max(16, triton.next_power_of_2(width)))
-        num_warps = 4
+        tiles = dict(BLOCK_M=min(128, max(16, triton.next_power_of_2(positions))),
+                     BLOCK_C=min(128, max(16, triton.next_power_of_2(width))), num_warps=4)
     else:
-        # Picked without spills from ptxas -v of both kernels for sm_90a (fp32 ieee dots are
-        # FMA dots, register-heavy): BLOCK_L <= 32: 198/192 registers, no spills; 64: 190/255
-        # registers, 0/12 bytes spilled. From 128 on the [BLOCK_L, BLOCK_L] Gram tiles spill
-        # whatever the blocks (correct, slower). Not yet timed on a GPU.
-        block_m, block_c, num_warps = {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 16, 8)}.get(
-            block_l, (16, 16, 16))
-    return dict(C=width, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_C=block_c,
-                INTERPRETING=INTERPRET, num_warps=num_warps)
+        tiles = _gpu_meta(block_l)
+    return dict(C=width, BLOCK_L=block_l, INTERPRETING=INTERPRET, **tiles)
 
 
 def _strides(words, visual, codes, word_mask) -> tuple[int, ...]:

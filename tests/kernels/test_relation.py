@@ -171,8 +171,18 @@ def test_cuda_matches_cpu_reference(backend, shape):
                                                 backend="reference")
     want.loss.backward()
     torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(codes_cuda.grad.cpu(), codes_cpu.grad, rtol=1e-3, atol=1e-6)
-    assert torch.equal(got.chosen.cpu(), want.chosen)
+    # The GPU rounds the normalisation and the dots differently (approximate division and square
+    # root in Triton, fma contraction): a word may take another position only at a near-tie of
+    # its similarities (within 1e-5, float64); the code gradient is compared where none did.
+    similarity = torch.einsum("blc,bmc->blm", torch.nn.functional.normalize(words.double(), dim=2),
+                              torch.nn.functional.normalize(visual.double(), dim=2))
+    got_chosen = got.chosen.cpu()
+    differs = got_chosen != want.chosen
+    gaps = (similarity.gather(2, want.chosen[..., None])
+            - similarity.gather(2, got_chosen[..., None]))[..., 0]
+    assert bool((gaps[differs].abs() <= 1e-5).all()), "a word moved without a near-tie"
+    if not bool(differs.any()):
+        torch.testing.assert_close(codes_cuda.grad.cpu(), codes_cpu.grad, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.triton
@@ -180,8 +190,9 @@ def test_cuda_matches_cpu_reference(backend, shape):
                                                      kernel_device("triton")),
                     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 def test_triton_word_limit_is_a_backend_limit():
-    """More words per sample than one program's registers hold: the triton backend cannot serve
-    the call (the native and reference backends can); nothing is launched."""
-    words, visual, codes, mask = (t.to(kernel_device("triton")) for t in make(1, 257, 1, 16))
-    with pytest.raises(BackendUnavailableError, match="at most 256"):
+    """More words per sample than the shipped tiles take (L = 256 needs 288 KiB of shared
+    memory): the triton backend cannot serve the call (the native and reference backends can);
+    nothing is launched."""
+    words, visual, codes, mask = (t.to(kernel_device("triton")) for t in make(1, 129, 1, 16))
+    with pytest.raises(BackendUnavailableError, match="129 tokens.*at most 128"):
         implementation("relation_alignment_loss", "triton")(words, visual, codes, mask)

@@ -72,8 +72,8 @@ def test_wrong_types_raise_type_error():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_raises_by_default_and_opt_out_works(bad, backend):
-    quantizer = lgvq.VectorQuantizer(8, 4, backend=backend)
+def test_non_finite_input_raises_when_checked_and_opt_out_works(bad, backend):
+    quantizer = lgvq.VectorQuantizer(8, 4, backend=backend, check_finite=True)
     x = torch.randn(2, 3, 8)
     x[1, 2, 5] = bad
     codebook_before = quantizer.codebooks.clone()
