@@ -1,7 +1,7 @@
 """One LG-VQ training step against the same backbone's step without language losses.
 
 Shape dict: {"model": "shapes" | "paper", "B": images per step}.
-  shapes  the demo's tokenizer: 32x32 images, 8x8 tokens, K=128, D=32 (lgvq.config "shapes")
+  shapes  the demo's tokenizer: 32x32 images, 8x8 tokens, K=256, D=32 (lgvq.config "shapes")
   paper   the paper's VQGAN: 256x256 images, f=16 (16x16 tokens), 128 base channels, K=1024,
           D=256 (lgvq.config "cub" without the discriminator, which starts at step 10,000)
 Inputs: captioned-shapes images resized to the model's size and one caption each, encoded once
