@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lgvq.__main__ import main
-from lgvq.config import TrainConfig
+from lgvq.config import TrainConfig, build_config
 
 
 def run(capsys, *argv):
@@ -30,7 +30,9 @@ def test_train_help_lists_every_option_with_type_default_and_description(capsys)
         assert description.split(" [default: ")[0].strip(), f"--{field.name} has no description"
         assert "[default: " in line
     assert lines["--steps"].split()[0] == "--steps=INT"
-    assert "[default: 1500]" in lines["--steps"]  # what a bare `lgvq train` runs (shapes)
+    # what a bare `lgvq train` runs: the shapes preset's value, not the dataclass default
+    assert f"[default: {build_config('shapes').steps}]" in lines["--steps"]
+    assert build_config("shapes").steps != TrainConfig().steps
     assert lines["--language_guidance"].split()[0] == "--language_guidance=true|false"
     assert "--- " not in out  # section rulers of config.py are not descriptions
 
