@@ -58,8 +58,8 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # The GPU image's versions on this CPU (not part of `make test`): Python 3.12, torch 2.11,
-# Triton 3.6, in a second venv. PyPI's torch 2.11 wheel is the CUDA build (the CPU wheel index
-# download.pytorch.org is not reachable from our machines); it runs on a CPU. The extension is
+# Triton 3.6, in a second venv. PyPI's torch 2.11 wheel is the CUDA build (PyTorch's CPU-only wheel index
+# is not reachable from our machines); it runs on a CPU. The extension is
 # built with its CPU kernels only (LGVQ_BUILD_CUDA=0; COMPAT_BUILD_CUDA=1 tries nvcc too), in
 # place: its file name carries cp312, beside the main venv's cp311 build.
 COMPAT_VENV ?= .venv-compat
