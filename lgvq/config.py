@@ -112,7 +112,7 @@ PRESETS: dict[str, dict] = {
     # tokens. Choices measured on them (docs/method.md, "The demo's settings"):
     # - the classic VQ-VAE's MSE pixel loss, not L1: under L1 the median pixel around a small
     #   object is background, and after 1,000 steps objects were still grey blobs (colour
-    #   fidelity 0.20, chance 0.125); with MSE and the larger objects the plain tokenizer reached
+    #   fidelity 0.20 by a cruder majority-vote judge, chance 0.125); with MSE and the larger objects the plain tokenizer reached
     #   0.97 in 1,200 steps of batch 16 (cosine schedule from 2e-3);
     # - the paper's language weights: 100x them (the old demo's choice) cost LG-VQ 4.7 dB of
     #   PSNR and its colours (fidelity 0.64 vs 0.95, seed 0); the paper's kept it level (27.9 vs
