@@ -9,6 +9,9 @@ the float32 summation error plus one rounding to its own dtype.
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +136,23 @@ def float64_copies(*tensors):
     """The oracle's inputs: floating tensors in float64, the rest (indices, masks, None) as
     they are."""
     return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+# ------------------------------------------------------------------------------------------
+# compiler runs (nvcc, g++) of the build-check tests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPILE_TIMEOUT_S = 300
+
+
+def run_compiler(command: list[str], what: str, timeout: float = COMPILE_TIMEOUT_S) -> None:
+    """Run a compiler from the repository root; a failure or time-out fails the test with the
+    command and the compiler's output."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what}: the compiler ran past {timeout} s: {' '.join(command)}")
+    if result.returncode != 0:
+        pytest.fail(f"{what} failed (exit {result.returncode}):\n{' '.join(command)}\n"
+                    f"{result.stderr[-8000:]}{result.stdout[-2000:]}")

@@ -22,12 +22,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
+from tests.utils import run_compiler
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CPU_SOURCES = sorted((CSRC / "cpu").glob("*.cpp")) + [CSRC / "module.cpp"]
-COMPILE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 300
 # The oldest standard the extension builds with (torch 2.11 builds extensions as C++17).
 STANDARD = "-std=c++17"
@@ -49,15 +50,6 @@ def _include_flags() -> list[str]:
     return [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
 
 
-def _run(command: list[str], what: str) -> None:
-    try:
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=COMPILE_TIMEOUT_S, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{what}: the compiler ran past {COMPILE_TIMEOUT_S} s: {' '.join(command)}")
-    if result.returncode != 0:
-        pytest.fail(f"{what} failed (exit {result.returncode}):\n{' '.join(command)}\n"
-                    f"{result.stderr[-8000:]}")
 
 
 def x86_only_lines(preprocessed: Path) -> list[str]:
@@ -81,8 +73,8 @@ def x86_only_lines(preprocessed: Path) -> list[str]:
 
 def preprocess(source: Path, directory: Path, *defines: str) -> Path:
     out = directory / f"{source.stem}.ii"
-    _run([_compiler(), "-E", STANDARD, *defines, *_include_flags(), str(source), "-o", str(out)],
-         f"preprocessing {source.name}")
+    run_compiler([_compiler(), "-E", STANDARD, *defines, *_include_flags(), str(source),
+                  "-o", str(out)], f"preprocessing {source.name}")
     return out
 
 
@@ -92,8 +84,8 @@ def test_cpu_source_builds_without_avx2(source: Path, tmp_path: Path) -> None:
     offenders = x86_only_lines(preprocessed)
     assert not offenders, ("x86-only code outside the LGVQ_HAVE_AVX2 guard (it would not build on "
                            "aarch64):\n" + "\n".join(offenders[:40]))
-    _run([_compiler(), "-fsyntax-only", STANDARD, str(preprocessed)],
-         f"compiling {source.name} with -DLGVQ_NO_AVX2")
+    run_compiler([_compiler(), "-fsyntax-only", STANDARD, str(preprocessed)],
+                 f"compiling {source.name} with -DLGVQ_NO_AVX2")
 
 
 @pytest.mark.skipif(not sysconfig.get_platform().endswith("x86_64"),

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.utils import run_compiler
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -28,7 +29,6 @@ TORCH_NVCC_DEFINES = (
     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__",
 )
-COMPILE_TIMEOUT_S = 300
 
 
 def find_nvcc() -> str | None:
@@ -56,15 +56,6 @@ def cuda_include_dir(nvcc: str | None) -> Path | None:
     return None
 
 
-def run_compiler(command: list[str], what: str) -> None:
-    try:
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=COMPILE_TIMEOUT_S, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{what}: the compiler ran past {COMPILE_TIMEOUT_S} s: {' '.join(command)}")
-    if result.returncode != 0:
-        pytest.fail(f"{what} failed (exit {result.returncode}):\n{' '.join(command)}\n"
-                    f"{result.stderr}{result.stdout}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
