@@ -38,7 +38,10 @@ RETRIEVAL_GROUP = 8  # in-batch retrieval, the condition InfoNCE trains with (de
 
 def _category_masks(text_encoder, text, vocabulary: set[int]) -> dict[str, tuple]:
     """Per word category of captioned shapes: (bool [B, T] tokens of that category's words,
-    chance level of Recall@1 = 1 / the category's distinct ids in the head's vocabulary).
+    chance level of Recall@1 = 1 / the category's distinct ids that occur in this batch's
+    captions and in the head's vocabulary; the report averages it over batches). A uniform
+    guess among the category's words is the floor it stands for; synonyms (size words) and
+    words training never masks ("template") make the reachable ceiling lower than 1.
     "template" is every real word that names no attribute."""
     tokenizer = text_encoder.tokenizer
     result = {}
