@@ -57,6 +57,8 @@ class TrainConfig:
     # from the InfoNCE text targets (and retrieval's), so that they differ by content
     text_cache: str = ""  # safetensors file of pre-encoded training captions (shared by runs)
     visual_width: int = 0  # width of the visual-token encoder (0 = code_dim, as in the paper)
+    decoder_width: int = 0  # width of the masked text decoder (0 = the text width, the paper's)
+    decoder_heads: int = 1  # attention heads of the masked text decoder (1 in the paper's code)
     temperature: float = 1.0  # InfoNCE temperature of global semantic alignment (1 in the paper)
     # --- optimisation -----------------------------------------------------------------------
     steps: int = 400  # optimisation steps

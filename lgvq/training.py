@@ -146,10 +146,23 @@ def word_vocabulary(config: TrainConfig, text_encoder, captions: list[str] | Non
     return torch.unique(tokens.ids[tokens.word_mask])
 
 
+def _check_head_sizes(config: TrainConfig) -> None:
+    for name in ("visual_width", "decoder_width"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name} must be an int >= 0 (0: the paper's width), got {value!r}")
+    if not isinstance(config.decoder_heads, int) or config.decoder_heads < 1:
+        raise ValueError(f"--decoder_heads must be an int >= 1, got {config.decoder_heads!r}")
+    if config.decoder_width and config.decoder_width % config.decoder_heads:
+        raise ValueError(f"--decoder_width ({config.decoder_width}) must be divisible by "
+                         f"--decoder_heads ({config.decoder_heads})")
+
+
 def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None = None,
                 captions: list[str] | None = None) -> LGVQ:
     """LG-VQ (or the baseline) around ``tokenizer`` (default: ``build_backbone(config).model``);
     ``captions``: the training captions, when the caller has them (else they are read again)."""
+    _check_head_sizes(config)
     tokenizer = build_backbone(config).model if tokenizer is None else tokenizer
     grid = config.image_size // 2 ** (len(config.channel_multipliers) - 1)
     weights = LanguageLossWeights(alpha=config.alpha, beta=config.beta, gamma=config.gamma,
@@ -160,7 +173,8 @@ def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None =
                 max_length=text_encoder.max_length,
                 token_embedding=text_encoder.token_embedding, weights=weights,
                 language_guidance=config.language_guidance, backend=config.backend,
-                visual_width=config.visual_width,
+                visual_width=config.visual_width, decoder_width=config.decoder_width,
+                decoder_heads=config.decoder_heads,
                 vocabulary=word_vocabulary(config, text_encoder, captions))
 
 

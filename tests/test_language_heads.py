@@ -121,6 +121,43 @@ def test_training_masks_only_attribute_words_and_the_head_covers_the_captions(mi
         mask_words(minilm, text, build_config("shapes", {"dataset": "jsonl"}), 0)
 
 
+def test_a_narrower_decoder_reads_context_and_tokens_through_linear_maps(minilm):
+    official = build_model(build_config("shapes", {"train_images": "32"}), minilm)
+    assert isinstance(official.decoder_input, torch.nn.Identity)  # the paper's width C
+    assert official.text_decoder.layers[0].mlp[0].in_features == minilm.width
+
+    config = build_config("shapes", {"train_images": "32", "decoder_width": "32",
+                                     "decoder_heads": "4"})
+    model = build_model(config, minilm)
+    layer = model.text_decoder.layers[0]
+    assert layer.mlp[0].in_features == 32 and layer.self_attention.num_heads == 4
+    text = minilm.encode(["a small red circle at the top", "a blue square"])
+    masked_ids, masked = mask_words(minilm, text, config, 0)
+    masked[0, 3] = True  # at least one word to predict
+    context = masked_context(config, minilm, masked_ids, text)
+    zq = torch.randn(2, config.code_dim, 8, 8, requires_grad=True)
+    losses = model.language_losses(zq, text, masked, context)
+    assert torch.isfinite(losses.total)
+    losses.masked_prediction.backward()
+    assert model.decoder_input.weight.grad.abs().sum() > 0
+    assert model.decoder_memory.weight.grad.abs().sum() > 0
+    assert zq.grad.abs().sum() > 0  # the decoder reads the tokens
+    logits = model.predict_masked_words(zq.detach(), context, masked, text.attention_mask)
+    assert logits.shape == (2, text.ids.shape[1], model.word_head.vocabulary.numel())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("decoder_width", "-8", "--decoder_width must be an int >= 0"),
+    ("visual_width", "-1", "--visual_width must be an int >= 0"),
+    ("decoder_heads", "0", "--decoder_heads must be an int >= 1"),
+    ("decoder_heads", "5", "divisible by --decoder_heads"),
+])
+def test_bad_head_sizes_are_one_line_errors(minilm, option, value, message):
+    overrides = {"train_images": "32", "decoder_width": "32", option: value}
+    with pytest.raises(ValueError, match=message):
+        build_model(build_config("shapes", overrides), minilm)
+
+
 def test_recall_maps_restricted_logits_to_token_ids():
     ids = torch.tensor([[1, 11, 12, 2], [1, 13, 11, 2]])
     attention = torch.ones_like(ids, dtype=torch.bool)

@@ -71,13 +71,17 @@ class LGVQ(nn.Module):
       backend: kernel backend for the relation op.
       visual_width: width of the visual-token encoder (None: code_dim, as in the paper).
       vocabulary: int64 ``[V']`` token ids the masked-word head scores (None: all V).
+      decoder_width: width of the masked text decoder (None: C, as in the official code); a
+        narrower decoder reads its context and Zvt through linear maps from C.
+      decoder_heads: attention heads of the masked text decoder (1 in the official code).
     """
 
     def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
                  global_width: int, max_length: int, token_embedding: Tensor,
                  weights: LanguageLossWeights, language_guidance: bool = True,
                  backend: str = "auto", visual_width: int | None = None,
-                 vocabulary: Tensor | None = None):
+                 vocabulary: Tensor | None = None, decoder_width: int | None = None,
+                 decoder_heads: int = 1):
         super().__init__()
         self.tokenizer = tokenizer
         self.weights = weights
@@ -86,8 +90,16 @@ class LGVQ(nn.Module):
                                                  width=visual_width or None)
         self.cls_to_global = (nn.Identity() if global_width == text_width
                               else nn.Linear(text_width, global_width, bias=False))
-        self.text_decoder = MaskedTextDecoder(text_width, max_length)
-        self.word_head = MaskedWordHead(text_width, token_embedding, vocabulary)
+        decoder_width = decoder_width or text_width
+        # the official decoder works at the text width; a narrower one (the demo's) reads the
+        # context and the visual tokens through linear maps, which at C=384 and 2 CPU cores
+        # cuts the decoder's cost about (384/width)^2 times
+        self.decoder_input = (nn.Identity() if decoder_width == text_width
+                              else nn.Linear(text_width, decoder_width))
+        self.decoder_memory = (nn.Identity() if decoder_width == text_width
+                               else nn.Linear(text_width, decoder_width))
+        self.text_decoder = MaskedTextDecoder(decoder_width, max_length, heads=decoder_heads)
+        self.word_head = MaskedWordHead(decoder_width, token_embedding, vocabulary)
         # subtracted from the global text features before InfoNCE and retrieval; zero unless
         # set (centre_text_targets): captions that share most words have nearly parallel
         # sentence features, which centring spreads apart
@@ -128,7 +140,7 @@ class LGVQ(nn.Module):
                                              self.text_targets(text.global_features),
                                              self.weights.temperature)
         context = text.token_features if context is None else context
-        hidden = self.text_decoder(context, masked, text.attention_mask, visual)
+        hidden = self.decode_text(context, masked, text.attention_mask, visual)
         mtp = masked_word_loss(self.word_head, hidden, text.ids, masked,
                                self.weights.label_smoothing)
         ras, _ = self.relation(text.token_features, text.attention_mask, visual[:, 1:], tokens)
@@ -151,13 +163,20 @@ class LGVQ(nn.Module):
         language = self.language_losses(zq_st, text, masked, context)
         return LGVQOutput(vq_loss + language.total, reconstruction, vq_loss, language, indices)
 
+    def decode_text(self, context: Tensor, masked: Tensor, attention_mask: Tensor,
+                    visual: Tensor) -> Tensor:
+        """The masked text decoder's hidden states ``[B, T, decoder width]`` for a context
+        ``[B, T, C]`` and the visual tokens Zvt ``[B, M + 1, C]``."""
+        return self.text_decoder(self.decoder_input(context), masked, attention_mask,
+                                 self.decoder_memory(visual))
+
     def predict_masked_words(self, zq_st: Tensor, context: Tensor, masked: Tensor,
                              attention_mask: Tensor) -> Tensor:
         """Logits ``[B, T, V']`` of the masked-word head at the masked slots (evaluation), over
         the head's vocabulary (``word_head.vocabulary`` maps an index to its token id); other
         slots hold zeros (the vocabulary projection runs only where a word is predicted)."""
         visual = self.visual_encoder(zq_st.flatten(2).transpose(1, 2))
-        hidden = self.text_decoder(context, masked, attention_mask, visual)
+        hidden = self.decode_text(context, masked, attention_mask, visual)
         logits = hidden.new_zeros(*hidden.shape[:2], self.word_head.bias.shape[0])
         logits[masked] = self.word_head(hidden[masked])
         return logits
