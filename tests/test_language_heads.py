@@ -158,6 +158,18 @@ def test_bad_head_sizes_are_one_line_errors(minilm, option, value, message):
         build_model(build_config("shapes", overrides), minilm)
 
 
+def test_recall_pools_every_caption_of_each_image(minilm):
+    from lgvq.evaluation.evaluate import evaluate_model
+
+    config = build_config("shapes-tiny", {"eval_images": "6"})
+    torch.manual_seed(0)
+    model = build_model(config, minilm)
+    with torch.no_grad():
+        scores = evaluate_model(model, config, minilm, batch_size=4)
+    assert scores["images"] == 6
+    assert scores["recall_words_one_word"] == 6 * 5  # five captions per image, one word each
+
+
 def test_recall_maps_restricted_logits_to_token_ids():
     ids = torch.tensor([[1, 11, 12, 2], [1, 13, 11, 2]])
     attention = torch.ones_like(ids, dtype=torch.bool)
