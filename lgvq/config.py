@@ -121,8 +121,13 @@ PRESETS: dict[str, dict] = {
     #   27.2 dB);
     # - words masked before encoding, the decoder reading the masked captions' input embeddings
     #   (no text-encoder forward per step, nothing of the masked word leaks), training masking
-    #   attribute words only and the word head scoring the training captions' 62 token ids.
+    #   attribute words only and the word head scoring the training captions' 62 token ids;
+    # - a masked text decoder 128 wide with 4 heads instead of the text width (384) with 1: the
+    #   heads' step 3x cheaper, and heads trained alone for 1,200 steps on the frozen baseline
+    #   tokenizer of seed 0 read more of the image (Recall@1 gap over the shuffled-image control
+    #   0.114, 1,280 words, against 0.074 for the official decoder).
     "shapes": {"pixel_loss": "mse", "object_radii": (0.15, 0.10),
+               "decoder_width": 128, "decoder_heads": 4,
                "mask_before_encoding": True, "masked_text_features": "embeddings",
                "mask_words": "attributes", "train_images": 1024, "batch_size": 16,
                "steps": 1200, "learning_rate": 2e-3, "learning_rate_schedule": "cosine",

@@ -255,11 +255,15 @@ def _write_report(out_dir: Path, base, seeds, scores, folders, minutes, workers,
         f"gamma={base.gamma}; masked-word context: "
         + (f"masked captions' {base.masked_text_features}" if base.mask_before_encoding
            else "the unmasked caption (paper)")
+        + "; masked text decoder "
+        + (f"{base.decoder_width} wide" if base.decoder_width else "at the text width")
+        + f" with {base.decoder_heads} head(s)"
         + f"; training masks {base.mask_words} words; head over the "
         f"{'training captions' if base.word_vocabulary == 'data' else 'full'} vocabulary",
         "The baseline trains the same heads on detached tokens (probes, same budget), so both "
         "models are scored by one protocol.",
-        f"Masked-word Recall@1 masks {words} of one held-out caption per image. Its control "
+        f"Masked-word Recall@1 masks one of the {words} in every held-out caption of each "
+        f"image ({scores['LG-VQ'][0].get('recall_words_one_word', 0)} words). Its control "
         "scores each caption against the tokens of another image: the head's text prior. The "
         "gap between the two is what the head reads from the image.",
         f"wall time: {minutes:.1f} min ({train_minutes:.1f} min of training over "
