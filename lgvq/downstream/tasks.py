@@ -93,6 +93,7 @@ class DownstreamConfig:
     # training texts ("data") or its whole vocabulary ("full")
     text_length: int = 40  # caption/vqa/ground: text tokens per example (captions: with BOS/EOS)
     beam_size: int = 3  # caption: beam search width at evaluation (greedy is scored beside it)
+    meteor: bool = True  # caption: METEOR (a Java process per score) for beam and chance
     questions_per_image: int = 3  # vqa on captioned shapes: questions drawn per image
     qa_folder: str = ""  # vqa on real data: a folder with train.jsonl, val.jsonl (COCO-QA-style)
     ref_folder: str = ""  # ground on real data: the same with expressions and boxes (RefCOCO)

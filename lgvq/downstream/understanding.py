@@ -12,7 +12,7 @@ tasks' transformer blocks (SDPA, KV cache).
 * ``vqa``: codes + question tokens + a [READ] token through the bidirectional blocks; the
   final state at [READ] feeds a classifier over the single-word answers seen in training.
 * ``ground`` (TransVG-like): the same with a referring expression; [READ]'s final state
-  regresses the box (sigmoid (cx, cy, w, h)), trained by L1 + generalised IoU as TransVG;
+  regresses the box (sigmoid (cx, cy, w, h)), trained by 5 L1 + 2 (1 - GIoU) as TransVG;
   scored by Acc@IoU>0.5.
 
 Text tokens are the frozen text encoder's WordPiece tokens. ``--text_vocab=data`` (default)
@@ -73,7 +73,7 @@ def describe(scene: SceneAttributes, index: int, hide: str = "") -> str:
     """A noun phrase that matches ``scene.objects[index]`` only and does not name its ``hide``
     attribute ("the small red circle", "the circle on the left", "the red object")."""
     item = scene.objects[index]
-    for fields in [f for f in _FIELDS if hide not in f] + [("colour",), ("size", "colour")]:
+    for fields in [f for f in _FIELDS + (("colour",), ("size", "colour")) if hide not in f]:
         same = [o for o in scene.objects if all(getattr(o, f) == getattr(item, f)
                                                 for f in fields)]
         if len(same) == 1:
@@ -459,7 +459,8 @@ def understanding_loss(config, model: CodeTextModel, data, rows: torch.Tensor,
     if config.task == "vqa":
         return F.cross_entropy(output, target, ignore_index=-1)
     boxes = boxes_from_output(output)
-    return F.l1_loss(boxes, target) + (1 - generalised_iou(boxes, target)).mean()
+    # TransVG's weights: 5 x L1 of the corners + 2 x (1 - GIoU)
+    return 5 * F.l1_loss(boxes, target) + 2 * (1 - generalised_iou(boxes, target)).mean()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Scoring a trained understanding task on the held-out split, with its chance levels.
 
 * caption: BLEU-4, ROUGE-L, METEOR, CIDEr-D (``lgvq.downstream.metrics``) of the greedy and the
-  beam-search caption of every held-out image against all its captions; chance: one caption for
-  every image, the training split's most frequent one.
+  beam-search caption of every held-out image against all its captions (METEOR for beam and
+  chance only: each score starts a Java process, ~5 s); chance: one caption for every image,
+  the training split's most frequent one.
 * vqa: accuracy (and per question kind on captioned shapes); chance: the training split's
   majority answer, and the majority answer per question kind (what a model reading only the
   question's kind gets: the question prior without the image).
@@ -57,11 +58,12 @@ def _score_caption(config, model, data, train, device, scores, notes, prediction
             ids += decode_captions(model, chunk, beam_size=beam,
                                    max_tokens=config.text_length - 2)
         decoded[name] = [vocabulary.decode(t) for t in ids]
-        values, why = caption_scores(references, decoded[name])
+        values, why = caption_scores(references, decoded[name],
+                                     meteor=config.meteor and name == "beam")
         scores.update({f"{name}_{k}": v for k, v in values.items()})
         notes += [n for n in why if n not in notes]
     chance = _majority(train.examples.texts)
-    values, _ = caption_scores(references, [chance] * len(references))
+    values, _ = caption_scores(references, [chance] * len(references), meteor=config.meteor)
     scores.update({f"chance_{k}": v for k, v in values.items()})
     scores["chance_caption"] = chance
     scores["beam_size"] = config.beam_size

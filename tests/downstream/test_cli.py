@@ -29,8 +29,8 @@ def test_each_task_has_help(task, capsys):
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    assert main(["caption"]) == 2
-    assert "unknown task 'caption'" in capsys.readouterr().err
+    assert main(["painting"]) == 2
+    assert "unknown task 'painting'" in capsys.readouterr().err
     assert main(["generate", f"--out_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip() == ("lgvq downstream generate: error: --tokenizer=CKPT "
                                                "is required (an `lgvq train` checkpoint)")

@@ -40,5 +40,5 @@ def test_demo_trains_every_task_on_both_codebooks(tiny_tokenizer, tmp_path, caps
 
 
 def test_demo_rejects_unknown_tasks(capsys):
-    assert main(["--tasks=generate,caption"]) == 2
-    assert "--tasks: unknown ['caption']" in capsys.readouterr().err
+    assert main(["--tasks=generate,painting"]) == 2
+    assert "--tasks: unknown ['painting']" in capsys.readouterr().err
