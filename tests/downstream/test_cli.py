@@ -68,8 +68,9 @@ def test_tasks_run_on_a_jsonl_folder(tmp_path, text_encoder, capsys):
     checkpoint = train(config, text_encoder=text_encoder, progress=False)
     common = ["--tokenizer", str(checkpoint), f"--cache_dir={tmp_path / 'cache'}", *TINY,
               "--train_images=0", "--eval_images=0"]
-    for task in ("generate", "complete", "t2i"):
-        assert main([task, f"--out_dir={tmp_path / task}", *common]) == 0, task
+    for task in ("generate", "complete", "t2i", "caption"):  # caption: the folder's captions
+        extra = ["--meteor=false", "--text_length=24"] if task == "caption" else []
+        assert main([task, f"--out_dir={tmp_path / task}", *common, *extra]) == 0, task
         scores = json.loads((tmp_path / task / "metrics.json").read_text())
         assert scores["eval_images"] == 8 and "judge_real_colour" not in scores
     capsys.readouterr()
