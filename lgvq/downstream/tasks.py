@@ -93,6 +93,7 @@ class DownstreamConfig:
     # training texts ("data") or its whole vocabulary ("full")
     text_length: int = 40  # caption/vqa/ground: text tokens per example (captions: with BOS/EOS)
     beam_size: int = 3  # caption: beam search width at evaluation (greedy is scored beside it)
+    box_head: str = "pointer"  # ground: pointer (centre read off the code cells) | regress
     meteor: bool = True  # caption: METEOR (a Java process per score) for beam and chance
     questions_per_image: int = 3  # vqa on captioned shapes: questions drawn per image
     qa_folder: str = ""  # vqa on real data: a folder with train.jsonl, val.jsonl (COCO-QA-style)
@@ -142,6 +143,8 @@ class DownstreamConfig:
         if self.text_length < 3:
             raise ValueError(f"--text_length must be >= 3 ([BOS] a word [EOS]), got "
                              f"{self.text_length}")
+        if self.box_head not in ("pointer", "regress"):
+            raise ValueError(f"--box_head must be pointer or regress, got {self.box_head!r}")
         if self.text_vocab not in ("data", "full"):
             raise ValueError(f"--text_vocab must be data or full, got {self.text_vocab!r}")
         for name, task in (("qa_folder", "vqa"), ("ref_folder", "ground")):

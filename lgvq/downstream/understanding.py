@@ -11,9 +11,14 @@ tasks' transformer blocks (SDPA, KV cache).
   causal, codes included, as ClipCap's GPT-2 reads its prefix.
 * ``vqa``: codes + question tokens + a [READ] token through the bidirectional blocks; the
   final state at [READ] feeds a classifier over the single-word answers seen in training.
-* ``ground`` (TransVG-like): the same with a referring expression; [READ]'s final state
-  regresses the box (sigmoid (cx, cy, w, h)), trained by 5 L1 + 2 (1 - GIoU) as TransVG;
-  scored by Acc@IoU>0.5.
+* ``ground`` (TransVG-like): the same with a referring expression; the box is read at
+  [READ], trained by 5 L1 + 2 (1 - GIoU) as TransVG, scored by Acc@IoU>0.5. ``--box_head``:
+  ``regress`` is TransVG's head (sigmoid (cx, cy, w, h) from [READ]'s final state);
+  ``pointer`` (default) keeps the regressed size but takes the centre as the attention-weighted
+  mean of the code cells' centres, [READ]'s state the query over the codes' final states.
+  Measured on the demo's LG-VQ seed-0 codes (width 96, 2 layers, batch 32): ``regress`` stayed
+  at chance (Acc@0.5 0.054 after 600 steps, the mean training box 0.058), ``pointer`` reached
+  0.117 (mean IoU 0.178) after 400.
 
 Text tokens are the frozen text encoder's WordPiece tokens. ``--text_vocab=data`` (default)
 keeps the ids that occur in the training texts (plus [PAD], [BOS], [EOS], [READ], [UNK]): on
@@ -40,6 +45,7 @@ of the tokenizer's own data set (captioned shapes, CUB, a JSONL folder, ...).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,7 +359,7 @@ class CodeTextModel(nn.Module):
     reads text logits (caption) or the [READ] state (answer logits, box)."""
 
     def __init__(self, shape: TransformerShape, text_vocab: int, text_length: int, outputs: int,
-                 codebook: torch.Tensor | None, embedding: str):
+                 codebook: torch.Tensor | None, embedding: str, pointer: bool = False):
         super().__init__()
         if shape.width % shape.heads:
             raise ValueError(f"width ({shape.width}) must be a multiple of heads ({shape.heads})")
@@ -366,6 +372,13 @@ class CodeTextModel(nn.Module):
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.layers))
         self.norm = nn.LayerNorm(shape.width)
         self.head = nn.Linear(shape.width, outputs)
+        self.pointer = nn.Linear(shape.width, shape.width) if pointer else None
+        if pointer:  # the centre of every code cell, (x, y) in [0, 1], raster order
+            side = math.isqrt(shape.length)
+            steps = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+            y, x = torch.meshgrid(steps, steps, indexing="ij")
+            self.register_buffer("cell_centres", torch.stack([x, y], -1).reshape(-1, 2),
+                                 persistent=False)
 
     def hidden(self, codes: torch.Tensor | None, tokens: torch.Tensor | None,
                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -387,7 +400,16 @@ class CodeTextModel(nn.Module):
             states = self.hidden(codes, tokens[:, :-1])
             return self.head(states[:, codes.shape[1]:])
         read = torch.full((len(tokens), 1), READ, dtype=torch.long, device=tokens.device)
-        return self.head(self.hidden(codes, torch.cat([tokens, read], dim=1))[:, -1])
+        states = self.hidden(codes, torch.cat([tokens, read], dim=1))
+        output = self.head(states[:, -1])
+        if self.pointer is None:
+            return output
+        # box_head=pointer: [READ] attends over the code states; the centre is the attention-
+        # weighted mean of the cells' centres (as a logit, so boxes_from_output reads both heads)
+        scores = torch.einsum("bw,blw->bl", self.pointer(states[:, -1]),
+                              states[:, :codes.shape[1]]) / math.sqrt(self.shape.width)
+        centre = scores.softmax(-1) @ self.cell_centres.to(scores.dtype)
+        return torch.cat([torch.logit(centre, eps=1e-4), output[:, 2:]], dim=1)
 
 
 def build_understanding_model(config, tokenizer: FrozenTokenizer) -> CodeTextModel:
@@ -399,7 +421,8 @@ def build_understanding_model(config, tokenizer: FrozenTokenizer) -> CodeTextMod
     outputs = {"caption": len(spec.vocabulary), "vqa": len(spec.answers), "ground": 4}
     codebook = tokenizer.codebook() if config.embedding == "codebook" else None
     return CodeTextModel(shape, len(spec.vocabulary), config.text_length,
-                         outputs[config.task], codebook, config.embedding)
+                         outputs[config.task], codebook, config.embedding,
+                         pointer=config.task == "ground" and config.box_head == "pointer")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,11 +24,14 @@ from lgvq.downstream import load_tokenizer
 from lgvq.downstream.cli import main
 from lgvq.downstream.evaluation import evaluate_task
 from lgvq.downstream.tasks import DownstreamConfig, load_task_model, task_data, train_task
+from lgvq.downstream.transformer import TransformerShape
 from lgvq.downstream.understanding import (
     BOS,
     EOS,
     SPECIALS,
+    CodeTextModel,
     _fitted_box,
+    boxes_from_output,
     decode_captions,
     describe,
     scene_questions,
@@ -110,6 +113,19 @@ def test_referring_boxes_are_the_exact_mask_bounds():
         assert box == [columns.min() / 32, rows.min() / 32, (columns.max() + 1) / 32,
                        (rows.max() + 1) / 32]
         assert box[0] < item.centre_x < box[2] and box[1] < item.centre_y < box[3]
+
+
+def test_pointer_box_head_reads_the_centre_off_the_code_cells():
+    shape = TransformerShape(codebook_size=8, length=16, width=16, layers=1, heads=2,
+                             causal=False)
+    model = CodeTextModel(shape, 10, 4, 4, None, "learned", pointer=True)
+    torch.testing.assert_close(model.cell_centres[[0, 5, 15]],
+                               torch.tensor([[0.125, 0.125], [0.375, 0.375], [0.875, 0.875]]))
+    torch.nn.init.zeros_(model.pointer.weight)
+    torch.nn.init.zeros_(model.pointer.bias)  # no preference: the mean of all cell centres
+    boxes = boxes_from_output(model(torch.zeros(3, 16, dtype=torch.long),
+                                    torch.zeros(3, 4, dtype=torch.long)))
+    torch.testing.assert_close((boxes[:, :2] + boxes[:, 2:]) / 2, torch.full((3, 2), 0.5))
 
 
 def _losses(folder):
@@ -224,6 +240,8 @@ def test_bad_understanding_options_are_clear_errors(tmp_path, tiny_tokenizer, ca
         DownstreamConfig.from_dict({"task": "caption", "text_vocab": "some"})
     with pytest.raises(ValueError, match="--qa_folder is for the vqa task, not ground"):
         DownstreamConfig.from_dict({"task": "ground", "qa_folder": str(tmp_path)})
+    with pytest.raises(ValueError, match="--box_head must be pointer or regress"):
+        DownstreamConfig.from_dict({"task": "ground", "box_head": "mlp"})
     with pytest.raises(ValueError, match="--beam_size must be >= 1"):
         DownstreamConfig.from_dict({"task": "caption", "beam_size": "0"})
     assert main(["caption", "--tokenizer", str(tmp_path / "missing.safetensors")]) == 2
