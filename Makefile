@@ -44,7 +44,8 @@ demo: $(VENV)/.native
 	HF_HUB_OFFLINE=1 $(PY) -m lgvq.demo --seeds=0,1,2 --out_dir=runs/demo $(DEMO_ARGS)
 
 # downstream models on the demo's tokenizers (trained first if runs/demo has none): baseline vs
-# LG-VQ codes, every generation task, side-by-side report in runs/downstream/
+# LG-VQ codes, every generation and understanding task (Tables 8, 9, 11 with chance levels),
+# side-by-side report in runs/downstream/
 downstream: $(VENV)/.native
 	HF_HUB_OFFLINE=1 $(PY) -m lgvq.downstream.demo $(DOWNSTREAM_ARGS)
 

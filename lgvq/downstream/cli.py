@@ -1,18 +1,24 @@
-"""`lgvq downstream TASK --tokenizer=CKPT [--key=value ...]`: train a generation task on a
-frozen tokenizer's codes, then evaluate it (report.md, metrics.json, samples.png in out_dir).
+"""`lgvq downstream TASK --tokenizer=CKPT [--key=value ...]`: train a generation or
+understanding task on a frozen tokenizer's codes, then evaluate it (report.md, metrics.json and
+samples.png or predictions.jsonl in out_dir).
 
   lgvq downstream generate  --tokenizer=runs/demo/lgvq_seed0/last.safetensors
   lgvq downstream complete  --tokenizer=CKPT [--completion_rows=4]
   lgvq downstream t2i       --tokenizer=CKPT [--guidance_scale=2]
   lgvq downstream semantic  --tokenizer=CKPT
+  lgvq downstream caption   --tokenizer=CKPT [--beam_size=3] [--text_vocab=full]
+  lgvq downstream vqa       --tokenizer=CKPT [--qa_folder=DIR]
+  lgvq downstream ground    --tokenizer=CKPT [--ref_folder=DIR]
   lgvq downstream TASK --help                  the task and every --key with its default
 
---out_dir defaults to runs/downstream/TASK; --resume continues its checkpoint.
+--out_dir defaults to runs/downstream/TASK; --resume continues its checkpoint. Data parallel
+like `lgvq train`: torchrun --nproc_per_node=N -m lgvq downstream TASK ... (rank 0 evaluates).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from lgvq.config import parse_overrides
@@ -28,6 +34,13 @@ TASK_HELP = {
            "encoder's token features (--guidance_scale: classifier-free guidance)",
     "semantic": "semantic synthesis: the causal model after a prefix of one segmentation label "
                 "per code cell (captioned shapes: exact masks from the renderer)",
+    "caption": "captioning (ClipCap-style): the codes, embedded from the codebook, prefix a "
+               "causal text decoder over the text encoder's WordPiece tokens; greedy and beam "
+               "(--beam_size) decoding scored by BLEU-4, ROUGE-L, METEOR, CIDEr-D",
+    "vqa": "VQA: codes + question tokens -> transformer -> answer classifier; captioned "
+           "shapes: exact generated questions; real data: --qa_folder (COCO-QA-style JSONL)",
+    "ground": "visual grounding (TransVG-like): codes + referring expression -> box, "
+              "Acc@IoU>0.5; real data: --ref_folder (RefCOCO-style JSONL)",
 }
 
 
@@ -68,6 +81,8 @@ def run(task: str, arguments: list[str]) -> dict:
 
     tokenizer = load_tokenizer(config.tokenizer, device=resolve_device(config.device))
     checkpoint = train_task(config, tokenizer=tokenizer)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # data parallel: rank 0 evaluates
     return evaluate_task(config, checkpoint, tokenizer)
 
 

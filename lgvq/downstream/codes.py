@@ -196,23 +196,65 @@ def encode_split(tokenizer: FrozenTokenizer, split: str, images: int, cache_dir:
         if cached is not None:
             return cached
     dataset = split_dataset(tokenizer, split, images)
-    count = len(dataset)
-    device = next(tokenizer.model.parameters()).device
-    codes, captions, attributes = [], [], []
-    for start in range(0, count, batch_size):
-        items = [dataset[i] for i in range(start, min(count, start + batch_size))]
-        batch = torch.stack([item["image"] for item in items]).to(device)
-        codes.append(tokenizer.model.encode_to_indices(batch).cpu())
-        captions.extend(list(item["captions"]) for item in items)
-        attributes.append([item["attributes"] for item in items])
-    flat_attributes = [a for part in attributes for a in part]
-    scenes = flat_attributes if all(isinstance(a, SceneAttributes) for a in flat_attributes) \
-        else None
-    result = CodeSplit(torch.cat(codes).long(), captions, scenes, tokenizer.codebook_size,
-                       key_text)
+    result = _encode_items(tokenizer, dataset, key_text, batch_size)
+    scenes = result.attributes
+    if scenes is not None and not all(isinstance(a, SceneAttributes) for a in scenes):
+        result.attributes = None
     if path is not None:
         _write_cache(path, result)
     return result
+
+
+def _encode_items(tokenizer: FrozenTokenizer, dataset, key_text: str,
+                  batch_size: int) -> CodeSplit:
+    """Every item of ``dataset`` through the tokenizer, in order (an item served in place of an
+    unreadable one is an error: the codes must be those of the listed images)."""
+    device = next(tokenizer.model.parameters()).device
+    codes, captions, attributes = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        for offset, item in enumerate(items):
+            if item.get("index", start + offset) != start + offset:
+                raise ValueError(f"{dataset}: item {start + offset} could not be read: "
+                                 f"{dataset.skipped_paths[-1]}")
+        batch = torch.stack([item["image"] for item in items]).to(device)
+        codes.append(tokenizer.model.encode_to_indices(batch).cpu())
+        captions.extend(list(item["captions"]) for item in items)
+        attributes.extend(item["attributes"] for item in items)
+    return CodeSplit(torch.cat(codes).long(), captions, attributes, tokenizer.codebook_size,
+                     key_text)
+
+
+@torch.no_grad()
+def encode_image_files(tokenizer: FrozenTokenizer, paths: list[str], cache_dir: str | None,
+                       what: str, *, batch_size: int = 64) -> torch.Tensor:
+    """int64 ``[N, h, w]``: the codes of image files (resized and centre-cropped as the
+    folder data sets do), cached like ``encode_split`` under a key of the checkpoint and every
+    file's path, size and modification time. ``what`` names the option in errors."""
+    from lgvq.data.folders import CaptionedImageEntry, CaptionedImageFolderDataset
+
+    stamps = []
+    for name in paths:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"--{what}: image {name} not found")
+        stat = Path(name).stat()
+        stamps.append([str(Path(name).resolve()), stat.st_size, stat.st_mtime_ns])
+    key = {"format": CACHE_FORMAT, "checkpoint": tokenizer.digest, "files": stamps,
+           "image_size": tokenizer.config.image_size}
+    key_text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"codes-files-{digest}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        cached = _read_cache(path, key_text)
+        if cached is not None:
+            return cached.codes
+    entries = [CaptionedImageEntry(Path(name), ("",)) for name in paths]
+    dataset = CaptionedImageFolderDataset(entries, tokenizer.config.image_size, f"--{what}")
+    result = _encode_items(tokenizer, dataset, key_text, batch_size)
+    result.attributes = None
+    if path is not None:
+        _write_cache(path, result)
+    return result.codes
 
 
 def _write_cache(path: Path, split: CodeSplit) -> None:
@@ -241,5 +283,5 @@ def _read_cache(path: Path, key_text: str) -> CodeSplit | None:
                      int(metadata["codebook_size"]), key_text)
 
 
-__all__ = ["CodeSplit", "FrozenTokenizer", "encode_split", "file_digest", "load_tokenizer",
+__all__ = ["CodeSplit", "FrozenTokenizer", "encode_image_files", "encode_split", "file_digest", "load_tokenizer",
            "scene_from_dict", "scene_to_dict"]

@@ -1,9 +1,11 @@
-"""The downstream demo (`python -m lgvq.downstream.demo`): every generation task trained on the
-baseline's and on LG-VQ's codes with the same seed and budget, side by side.
+"""The downstream demo (`python -m lgvq.downstream.demo`): every generation and understanding
+task trained on the baseline's and on LG-VQ's codes with the same seed and budget, side by
+side, with the chance level of each understanding task beside it (the paper's Tables 8, 9, 11).
 
   python -m lgvq.downstream.demo [--seeds=0,1,2] [--budget_minutes=20] [--steps=N]
       [--tokenizers=runs/demo] [--out_dir=runs/downstream] [--workers=2]
-      [--threads_per_worker=1] [--tasks=generate,t2i,semantic] [--key=value ...]
+      [--threads_per_worker=1] [--tasks=generate,t2i,semantic,caption,vqa,ground]
+      [--key=value ...]
 
 The tokenizers are runs/demo/{baseline,lgvq}_seed{S}/last.safetensors (`make demo`); the
 missing ones are trained first with ``lgvq.demo`` (its own budget, not counted here). Other
@@ -31,13 +33,13 @@ from pathlib import Path
 import torch
 
 from lgvq.config import parse_overrides
-from lgvq.downstream.codes import encode_split, load_tokenizer
+from lgvq.downstream.codes import load_tokenizer
 from lgvq.downstream.evaluation import evaluate_task
 from lgvq.downstream.tasks import (
     DownstreamConfig,
     build_optimizer,
     build_task_model,
-    prepare_data,
+    task_data,
     task_loss,
     train_task,
 )
@@ -69,7 +71,27 @@ METRICS = [
     ("semantic", "judge_generated_shape", "semantic synthesis: judge shape accuracy", True),
     ("semantic", "judge_generated_object", "semantic synthesis: objects right", True),
     ("semantic", "judge_reconstructed_object", "  ceiling: the same on reconstructions", None),
+    # the understanding tasks: the paper's Tables 11 (captioning), 9 (VQA), 8 (grounding)
+    ("caption", "beam_cider_d", "Table 11 captioning: CIDEr-D (beam search)", True),
+    ("caption", "greedy_cider_d", "  CIDEr-D (greedy)", True),
+    ("caption", "beam_bleu4", "  BLEU-4 (beam)", True),
+    ("caption", "beam_rouge_l", "  ROUGE-L (beam)", True),
+    ("caption", "beam_meteor", "  METEOR (beam)", True),
+    ("caption", "chance_cider_d", "  chance: the most frequent training caption, CIDEr-D", None),
+    ("caption", "heldout_loss", "  held-out NLL per caption token (nats)", False),
+    ("vqa", "accuracy", "Table 9 VQA: accuracy", True),
+    ("vqa", "chance_accuracy", "  chance: the majority answer", None),
+    ("vqa", "chance_kind_prior_accuracy", "  chance: the majority answer per question kind", None),
+    ("vqa", "accuracy_colour", "  accuracy on colour questions", True),
+    ("vqa", "accuracy_shape", "  accuracy on shape questions", True),
+    ("vqa", "accuracy_size", "  accuracy on size questions", True),
+    ("vqa", "accuracy_count", "  accuracy on count questions", True),
+    ("vqa", "accuracy_relation", "  accuracy on left/right/above/below questions", True),
+    ("ground", "accuracy_iou_0.5", "Table 8 grounding: Acc@IoU>0.5", True),
+    ("ground", "mean_iou", "  mean IoU", True),
+    ("ground", "chance_accuracy_iou_0.5", "  chance: the mean training box, Acc@IoU>0.5", None),
 ]
+ALL_TASKS = ("generate", "t2i", "semantic", "caption", "vqa", "ground")
 _WORKER = {}
 
 
@@ -102,8 +124,7 @@ def seconds_per_step(tasks: list[str], tokenizer_file: Path, overrides: dict) ->
     timings = {}
     for task in tasks:
         config = _config(task, tokenizer_file, Path("unused"), 0, overrides)
-        split = encode_split(tokenizer, "train", config.train_images, config.cache_dir or None)
-        data = prepare_data(config, tokenizer, split)
+        data = task_data(config, tokenizer, "train")
         torch.manual_seed(0)
         model = build_task_model(config, tokenizer)
         optimizer = build_optimizer(config, model)
@@ -111,7 +132,7 @@ def seconds_per_step(tasks: list[str], tokenizer_file: Path, overrides: dict) ->
             if step == 1:
                 started = time.perf_counter()
             rows = torch.arange(step * config.batch_size,
-                                (step + 1) * config.batch_size) % len(split)
+                                (step + 1) * config.batch_size) % len(data.sequences)
             loss = task_loss(config, model, data, rows, step, torch.device("cpu"))
             optimizer.zero_grad()
             loss.backward()
@@ -127,9 +148,8 @@ def prepare_caches(tokenizers: list[Path], tasks: list[str], overrides: dict) ->
         tokenizer = load_tokenizer(path)
         for task in tasks:
             config = _config(task, path, Path("unused"), 0, overrides)
-            for split, images in (("train", config.train_images), ("val", config.eval_images)):
-                prepare_data(config, tokenizer,
-                             encode_split(tokenizer, split, images, config.cache_dir or None))
+            for split in ("train", "val"):
+                task_data(config, tokenizer, split)
 
 
 def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
@@ -262,6 +282,12 @@ def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) ->
         "position, semantic synthesis on the scene's label map (colour and shape per code "
         "cell), completion on the upper half of the true codes. Chance is near 0 (an object "
         "must be visible, of the right colour among 8, the right shape among 5, in its cell).",
+        "Understanding (Tables 11, 9, 8): captions are decoded from the codes alone and scored "
+        "against every caption of the held-out image; VQA questions and grounding expressions "
+        "are generated from each held-out scene's exact attributes (a fixed split: no held-out "
+        "image's questions are trained on). The chance rows read no image: the most frequent "
+        "training caption, the majority answer (overall and per question kind), the mean "
+        "training box.",
         f"wall time: {minutes:.1f} min (budget {budget_minutes} min, tokenizers not counted)",
     ]
     fids = [r for v in scores.values() for r in v.get("generate", [])]
@@ -275,7 +301,7 @@ def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) ->
                    + sorted(folder.glob("*/complete/samples.png"))]
     atomic_write(out_dir / "scores.json", json.dumps(scores, indent=2))
     return write_markdown_report(out_dir / "report.md",
-                                 "Downstream generation on baseline vs LG-VQ codes", rows,
+                                 "Downstream tasks on baseline vs LG-VQ codes", rows,
                                  columns=["metric", "baseline", "LG-VQ", "LG-VQ better (seeds)"],
                                  notes=notes, images=images)
 
@@ -288,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(argv)
         seeds = [int(s) for s in overrides.pop("seeds", "0,1,2").split(",") if s.strip()]
-        tasks = [t for t in overrides.pop("tasks", "generate,t2i,semantic").split(",") if t]
-        unknown = sorted(set(tasks) - {"generate", "t2i", "semantic"})
+        tasks = [t for t in overrides.pop("tasks", ",".join(ALL_TASKS)).split(",") if t]
+        unknown = sorted(set(tasks) - set(ALL_TASKS))
         if unknown:
             raise ValueError(f"--tasks: unknown {unknown} (complete is scored on generate's "
                              "model)")

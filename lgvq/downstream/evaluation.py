@@ -26,6 +26,7 @@ import torch
 from lgvq.downstream.codes import FrozenTokenizer, split_dataset, encode_split
 from lgvq.downstream.sampling import SamplingOptions, sample_autoregressive, sample_maskgit
 from lgvq.downstream.tasks import (
+    UNDERSTANDING_TASKS,
     DownstreamConfig,
     code_cache_dir,
     load_task_model,
@@ -119,6 +120,10 @@ def evaluate_task(config: DownstreamConfig, checkpoint: str | Path, tokenizer: F
                   out_dir: str | Path | None = None) -> dict:
     """Scores of a trained task (see the module docstring); writes ``samples.png``,
     ``metrics.json`` and ``report.md`` into ``out_dir`` (default: the checkpoint's folder)."""
+    if config.task in UNDERSTANDING_TASKS:
+        from lgvq.downstream.understanding_evaluation import evaluate_understanding
+
+        return evaluate_understanding(config, checkpoint, tokenizer, out_dir)
     device = resolve_device(config.device)
     out_dir = Path(out_dir or Path(checkpoint).parent)
     split = encode_split(tokenizer, "val", config.eval_images, code_cache_dir(config))

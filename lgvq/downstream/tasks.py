@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lgvq.checkpoint import load_checkpoint, save_checkpoint
+from lgvq.data_parallel import init_parallel
 from lgvq.config import _coerce
 from lgvq.data import COLOUR_NAMES, SHAPE_NAMES, SceneAttributes, draw_one_caption_per_image
 from lgvq.data.shapes.rendering import object_masks
@@ -51,7 +52,9 @@ from lgvq.text import TextFeatureCache, caption_set_fingerprint
 from lgvq.training import RandomStream, batch_indices, step_generator
 from lgvq_kernels import resolve_device
 
-TASKS = ("generate", "complete", "t2i", "semantic")
+GENERATION_TASKS = ("generate", "complete", "t2i", "semantic")
+UNDERSTANDING_TASKS = ("caption", "vqa", "ground")  # lgvq.downstream.understanding
+TASKS = GENERATION_TASKS + UNDERSTANDING_TASKS
 CHECKPOINT_NAME = "last.safetensors"
 LABEL_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPE_NAMES)  # background + (colour, shape)
 _LABEL_COVERAGE = 0.25  # an object labels a code cell it covers at least this much of
@@ -59,7 +62,7 @@ _LABEL_COVERAGE = 0.25  # an object labels a code cell it covers at least this m
 
 @dataclass
 class DownstreamConfig:
-    task: str = "generate"  # generate | complete | t2i | semantic
+    task: str = "generate"  # generate | complete | t2i | semantic | caption | vqa | ground
     tokenizer: str = ""  # an `lgvq train` checkpoint (last.safetensors)
     out_dir: str = "runs/downstream/run"  # checkpoint, metrics.csv, grids, report.md
     cache_dir: str = "runs/downstream/cache"  # encoded codes and text features ("" = none)
@@ -86,6 +89,15 @@ class DownstreamConfig:
     label_maps: str = ""  # semantic on other data sets: a folder of <split>/<i>.png label maps
     # (pixel value = class, the i-th item of the split); captioned shapes need none
     label_classes: int = 0  # classes of those maps (0 = captioned shapes' 41)
+    text_vocab: str = "data"  # caption/vqa/ground: the text encoder's WordPiece ids seen in the
+    # training texts ("data") or its whole vocabulary ("full")
+    text_length: int = 40  # caption/vqa/ground: text tokens per example (captions: with BOS/EOS)
+    beam_size: int = 3  # caption: beam search width at evaluation (greedy is scored beside it)
+    box_head: str = "pointer"  # ground: pointer (centre read off the code cells) | regress
+    meteor: bool = True  # caption: METEOR (a Java process per score) for beam and chance
+    questions_per_image: int = 3  # vqa on captioned shapes: questions drawn per image
+    qa_folder: str = ""  # vqa on real data: a folder with train.jsonl, val.jsonl (COCO-QA-style)
+    ref_folder: str = ""  # ground on real data: the same with expressions and boxes (RefCOCO)
     # --- sampling and evaluation ------------------------------------------------------------
     temperature: float = 1.0
     top_k: int = 0
@@ -125,6 +137,19 @@ class DownstreamConfig:
         if bool(self.label_maps) != (self.label_classes > 0):
             raise ValueError("--label_maps and --label_classes go together (got "
                              f"{self.label_maps!r}, {self.label_classes})")
+        for name in ("text_length", "beam_size", "questions_per_image"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.text_length < 3:
+            raise ValueError(f"--text_length must be >= 3 ([BOS] a word [EOS]), got "
+                             f"{self.text_length}")
+        if self.box_head not in ("pointer", "regress"):
+            raise ValueError(f"--box_head must be pointer or regress, got {self.box_head!r}")
+        if self.text_vocab not in ("data", "full"):
+            raise ValueError(f"--text_vocab must be data or full, got {self.text_vocab!r}")
+        for name, task in (("qa_folder", "vqa"), ("ref_folder", "ground")):
+            if getattr(self, name) and self.task != task:
+                raise ValueError(f"--{name} is for the {task} task, not {self.task}")
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"--condition_dropout must be in [0, 1), got "
                              f"{self.condition_dropout!r}")
@@ -210,6 +235,10 @@ def positional_captions(split: CodeSplit) -> list[str]:
 
 
 def build_task_model(config: DownstreamConfig, tokenizer: FrozenTokenizer) -> CodeTransformer:
+    if config.task in UNDERSTANDING_TASKS:
+        from lgvq.downstream.understanding import build_understanding_model
+
+        return build_understanding_model(config, tokenizer)
     length = tokenizer.grid * tokenizer.grid
     prefix_length, condition_vocab, context_width = 1, 1, 0
     if config.task == "semantic":
@@ -229,10 +258,24 @@ def build_task_model(config: DownstreamConfig, tokenizer: FrozenTokenizer) -> Co
 class TaskData:
     """A split ready for a task: sequences, conditions and (t2i) the text features."""
 
-    split: CodeSplit
-    sequences: torch.Tensor  # int64 [N, L]
-    prefix: torch.Tensor | None  # int64 [N, P] (None for t2i)
+    split: CodeSplit | None  # None: understanding on a folder of its own (--qa/ref_folder)
+    sequences: torch.Tensor  # int64 [N, L] (understanding: one row per example)
+    prefix: torch.Tensor | None  # int64 [N, P] (None for t2i; understanding: text tokens)
     text: TextFeatureCache | None = None
+    targets: torch.Tensor | None = None  # vqa: answer classes [N]; ground: boxes [N, 4]
+    examples: object = None  # understanding: the split's Examples
+    spec: object = None  # understanding: its TaskSpec (text vocabulary, answers)
+
+
+def task_data(config: DownstreamConfig, tokenizer: FrozenTokenizer, split: str) -> TaskData:
+    """The ``TaskData`` of ``split`` ("train" or "val") for any task."""
+    if config.task in UNDERSTANDING_TASKS:
+        from lgvq.downstream.understanding import prepare_understanding
+
+        return prepare_understanding(config, tokenizer, split)
+    images = config.train_images if split == "train" else config.eval_images
+    return prepare_data(config, tokenizer,
+                        encode_split(tokenizer, split, images, code_cache_dir(config)))
 
 
 def prepare_data(config: DownstreamConfig, tokenizer: FrozenTokenizer,
@@ -260,6 +303,10 @@ def task_loss(config: DownstreamConfig, model: CodeTransformer, data: TaskData,
               rows: torch.Tensor, step: int, device: torch.device) -> torch.Tensor:
     """Cross-entropy of one batch (``rows`` of ``data``); every random draw is a function of
     (seed, step)."""
+    if config.task in UNDERSTANDING_TASKS:
+        from lgvq.downstream.understanding import understanding_loss
+
+        return understanding_loss(config, model, data, rows, device)
     codes = data.sequences[rows].to(device)
     if model.shape.causal:
         logits = model(data.prefix[rows].to(device), codes)
@@ -316,11 +363,19 @@ def code_cache_dir(config: DownstreamConfig) -> str | None:
 
 def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = None,
                progress: bool = True, log_prefix: str | None = None) -> Path:
-    """Train (or resume) the task's model on the tokenizer's codes; returns the checkpoint."""
+    """Train (or resume) the task's model on the tokenizer's codes; returns the checkpoint.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it runs data parallel like ``lgvq train``
+    (``lgvq.data_parallel``): each rank takes its rows of the global batch, gradients are
+    averaged, rank 0 encodes the caches first and writes checkpoints and metrics. A loss that
+    is a mean over equal counts per row (codes, answers, boxes) then trains exactly like one
+    process on the whole batch; caption tokens and t2i's masked codes are per-rank means.
+    """
     config.check()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    parallel, device = init_parallel(resolve_device(config.device))
+    shard = parallel.shard(config.batch_size)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer, device=device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -328,33 +383,43 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
     if checkpoint_path.exists() and not config.resume:
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or "
                               "choose another --out_dir")
-    cache = code_cache_dir(config)
-    split = encode_split(tokenizer, "train", config.train_images, cache)
-    data = prepare_data(config, tokenizer, split)
-    torch.manual_seed(config.seed)
+    if not parallel.main:
+        parallel.barrier()  # rank 0 encodes and writes the caches, the others read them
+    data = task_data(config, tokenizer, "train")
+    if parallel.main:
+        parallel.barrier()
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_task_model(config, tokenizer).to(device)
     optimizer = build_optimizer(config, model)
     start_step = 0
     if checkpoint_path.exists():
         start_step = load_checkpoint(checkpoint_path, model=model,
                                      optimizers={"model": optimizer})["step"]
+    if parallel.world > 1:  # dropout differs per rank; initial weights came from the seed
+        torch.manual_seed(config.seed + 7919 * parallel.rank + start_step)
     metrics_path = out_dir / "metrics.csv"
-    truncate_csv_rows(metrics_path, start_step)
+    if parallel.main:
+        truncate_csv_rows(metrics_path, start_step)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
-               disable=not progress, desc=f"downstream-{config.task}")
+               disable=not progress or not parallel.main, desc=f"downstream-{config.task}")
     last_time, last_step = time.perf_counter(), start_step
     model.train()
     for step in bar:
-        rows = batch_indices(config.seed, step, config.batch_size, len(split))
+        rows = batch_indices(config.seed, step, config.batch_size, len(data.sequences))[shard]
         loss = task_loss(config, model, data, rows, step, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients(model.parameters())
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         optimizer.step()
         done = step + 1
+        if not parallel.main:
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                parallel.barrier()  # nobody moves on before the checkpoint is written
+            continue
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             codes_per_second = ((done - last_step) * config.batch_size * model.shape.length
@@ -372,6 +437,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
             save_checkpoint(checkpoint_path, model=model, optimizers={"model": optimizer},
                             step=done, config=config.to_dict(),
                             extra={"tokenizer_digest": tokenizer.digest})
+            parallel.barrier()
     return checkpoint_path
 
 
@@ -386,6 +452,7 @@ def load_task_model(path: str | Path, config: DownstreamConfig, tokenizer: Froze
     return model.eval()
 
 
-__all__ = ["DownstreamConfig", "LABEL_CLASSES", "TASKS", "TaskData", "build_task_model",
+__all__ = ["DownstreamConfig", "GENERATION_TASKS", "LABEL_CLASSES", "TASKS", "TaskData",
+           "UNDERSTANDING_TASKS", "task_data", "build_task_model",
            "label_grids", "load_task_model", "maskgit_training_mask", "positional_captions",
            "prepare_data", "scene_label_grid", "task_loss", "train_task"]

@@ -127,6 +127,39 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class CodeEmbedding(nn.Module):
+    """Code index -> ``width`` vector, ``codebook`` or ``learned`` (see the module docstring);
+    ``extra`` more indices after the K codes (e.g. [MASK]) read a zero code vector plus their
+    learned offset."""
+
+    def __init__(self, codebook_size: int, width: int, codebook: torch.Tensor | None,
+                 embedding: str = "codebook", extra: int = 0):
+        super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.embedding = embedding
+        vocab = codebook_size + extra
+        if embedding == "codebook":
+            if codebook is None or codebook.dim() != 2 or codebook.shape[0] != codebook_size:
+                raise ValueError(f"embedding=codebook needs the codebook [K={codebook_size}, D], "
+                                 f"got {None if codebook is None else tuple(codebook.shape)}")
+            table = codebook.detach().float()
+            self.register_buffer("codebook", torch.cat([table, table.new_zeros(extra,
+                                                                               table.shape[1])]))
+            self.project = nn.Linear(codebook.shape[1], width)
+            self.code_offset = nn.Embedding(vocab, width)  # learned residual, starts at 0
+            nn.init.zeros_(self.code_offset.weight)
+        else:
+            self.code_table = nn.Embedding(vocab, width)
+            nn.init.normal_(self.code_table.weight, std=0.02)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.embedding == "learned":
+            return self.code_table(codes)
+        table = self.project(self.codebook.to(self.project.weight.dtype))
+        return table[codes] + self.code_offset(codes)
+
+
 class CodeTransformer(nn.Module):
     """GPT-style transformer over [condition prefix] + codes.
 
@@ -147,17 +180,8 @@ class CodeTransformer(nn.Module):
         self.shape, self.embedding = shape, embedding
         vocab = shape.codebook_size + (0 if shape.causal else 1)  # [MASK] = K when bidirectional
         self.mask_id = shape.codebook_size
-        if embedding == "codebook":
-            if codebook is None or codebook.dim() != 2 or codebook.shape[0] != shape.codebook_size:
-                raise ValueError(f"embedding=codebook needs the codebook [K={shape.codebook_size}"
-                                 f", D], got {None if codebook is None else tuple(codebook.shape)}")
-            self.register_buffer("codebook", codebook.detach().float().clone())
-            self.project = nn.Linear(codebook.shape[1], shape.width)
-            self.code_offset = nn.Embedding(vocab, shape.width)  # learned residual, starts at 0
-            nn.init.zeros_(self.code_offset.weight)
-        else:
-            self.code_table = nn.Embedding(vocab, shape.width)
-            nn.init.normal_(self.code_table.weight, std=0.02)
+        self.codes = CodeEmbedding(shape.codebook_size, shape.width, codebook, embedding,
+                                   extra=vocab - shape.codebook_size)
         self.condition = nn.Embedding(max(shape.condition_vocab, 1), shape.width)
         nn.init.normal_(self.condition.weight, std=0.02)
         self.positions = nn.Parameter(torch.zeros(shape.prefix_length + shape.length,
@@ -171,12 +195,7 @@ class CodeTransformer(nn.Module):
             self.null_context = nn.Parameter(torch.zeros(1, 1, shape.context_width))
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.embedding == "learned":
-            return self.code_table(codes)
-        table = self.codebook
-        if not self.shape.causal:  # [MASK] reads a zero code vector plus its learned offset
-            table = torch.cat([table, table.new_zeros(1, table.shape[1])])
-        return self.project(table.to(self.project.weight.dtype))[codes] + self.code_offset(codes)
+        return self.codes(codes)
 
     def embed(self, prefix: torch.Tensor | None, codes: torch.Tensor | None,
               start: int = 0) -> torch.Tensor:
@@ -243,5 +262,5 @@ def cosine_mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
     return math.cos(progress * math.pi / 2)
 
 
-__all__ = ["CodeTransformer", "EMBEDDINGS", "KVCache", "TransformerShape", "cosine_mask_ratio",
+__all__ = ["CodeEmbedding", "CodeTransformer", "EMBEDDINGS", "KVCache", "TransformerShape", "cosine_mask_ratio",
            "parameter_count"]

@@ -9,7 +9,8 @@ from lgvq.downstream.demo import METRICS, main, run_downstream_demo
 
 TINY = {"width": "32", "layers": "1", "heads": "2", "batch_size": "4", "train_images": "16",
         "eval_images": "8", "samples": "4", "maskgit_steps": "2", "steps": "2",
-        "log_every": "1", "checkpoint_every": "2", "device": "cpu"}
+        "log_every": "1", "checkpoint_every": "2", "device": "cpu", "meteor": "false",
+        "text_length": "24"}
 
 
 @pytest.mark.slow
@@ -20,13 +21,15 @@ def test_demo_trains_every_task_on_both_codebooks(tiny_tokenizer, tmp_path, caps
         shutil.copy(tiny_tokenizer, tokenizers / f"{prefix}_seed0" / "last.safetensors")
     out = tmp_path / "downstream"
     result = run_downstream_demo([0], tokenizers, out, dict(TINY),
-                                 tasks=["generate", "t2i", "semantic"], workers=1)
+                                 tasks=["generate", "t2i", "semantic", "caption", "vqa",
+                                        "ground"], workers=1)
     report = (out / "report.md").read_text()
     for task, key, label, _ in METRICS:
-        if key != "fid":
+        if key not in ("fid", "beam_meteor"):  # METEOR is off here (a JVM per score)
             assert label in report, label
     assert "FID not computed" in report
-    assert set(result["scores"]["LG-VQ"]) == {"generate", "complete", "t2i", "semantic"}
+    assert set(result["scores"]["LG-VQ"]) == {"generate", "complete", "t2i", "semantic",
+                                              "caption", "vqa", "ground"}
     # the same checkpoint on both sides: the same seed gives the same scores
     for task, runs in result["scores"]["LG-VQ"].items():
         base = result["scores"]["baseline"][task][0]
@@ -40,5 +43,5 @@ def test_demo_trains_every_task_on_both_codebooks(tiny_tokenizer, tmp_path, caps
 
 
 def test_demo_rejects_unknown_tasks(capsys):
-    assert main(["--tasks=generate,caption"]) == 2
-    assert "--tasks: unknown ['caption']" in capsys.readouterr().err
+    assert main(["--tasks=generate,painting"]) == 2
+    assert "--tasks: unknown ['painting']" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_label_grid_marks_each_object_with_its_colour_and_shape():
 
 def test_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--task must be one of"):
-        DownstreamConfig.from_dict({"task": "caption"})
+        DownstreamConfig.from_dict({"task": "painting"})
     with pytest.raises(ValueError, match="--steps expects an integer"):
         DownstreamConfig.from_dict({"steps": "many"})
     with pytest.raises(ValueError, match="unknown config keys: \\['stepz'\\]"):
