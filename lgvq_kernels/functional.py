@@ -102,9 +102,9 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
       x: ``[..., D]`` float32/float16/bfloat16/float64, any strides.
       codebook: ``[K, D]`` floating, K >= 1, on x's device. A dtype different from x's is
         promoted with x's to their common dtype.
-      metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity; rows
-        are normalised in float32 (float64 for float64) first; a zero row has similarity 0
-        with every code).
+      metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity, in
+        float32 (float64 for float64) with norms clamped at 1e-12 as ``F.normalize`` does; a
+        zero row has similarity 0 with every code).
       codebook_sqnorm: optional ``[K]`` precomputed ``(codebook ** 2).sum(-1)`` (l2 only).
       precision: ``"ieee"`` exact float32 products (default) or ``"tf32"`` (CUDA only; faster,
         ~1e-3 relative error in the cross term).
@@ -146,10 +146,13 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     resolved = _resolve(backend, x.device, "nearest_code", dtype)
     flat = x.reshape(-1, dim).to(dtype).contiguous()
     codes = codebook.to(dtype).contiguous()
-    if metric == "cosine":  # unit rows in float32 (at least): rounding them back to fp16/bf16
-        # would cost ~2^-11 relative error in every similarity
+    if metric == "cosine":  # in float32 (at least): rounding unit rows back to fp16/bf16
+        # would cost ~2^-11 relative error in every similarity. Only the codebook is normalised
+        # here (a K x D pass, what l2's |c|^2 costs): the op ranks -x.c, the order of
+        # -x.c / |x|, and divides the chosen similarity by |x| itself (the CPU kernels in
+        # finish_row, no N x D copy; the GPU backends normalise x first, _backends.py).
         work = torch.promote_types(dtype, torch.float32)
-        flat = F.normalize(flat.to(work), dim=-1)
+        flat = flat.to(work)
         codes = F.normalize(codes.to(work), dim=-1)
     if codebook_sqnorm is not None:
         codebook_sqnorm = codebook_sqnorm.contiguous()

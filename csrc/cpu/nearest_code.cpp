@@ -1,7 +1,7 @@
 // Nearest-code search on CPU: argmin_k (a[k] + m * x.c_k) without an N x K matrix.
 //
 //   l2:     a[k] = |c_k|^2, m = -2, distance = max(|x|^2 + best, 0)
-//   cosine: a[k] = 0,       m = -1, distance = 1 + best          (rows arrive unit-normalised)
+//   cosine: a[k] = 0,       m = -1, distance = 1 - x.c_best / max(|x|, 1e-12)  (unit codes)
 //
 // Two paths, both parallel over blocks of rows (at::parallel_for) and streaming the codebook:
 //  * gemm tiles (D > kDirectMaxDim): per row block, codebook tiles of kTileCodes codes; the cross

@@ -66,14 +66,20 @@ inline T dot(const T* u, const T* v, int64_t n) {
 template <typename T>
 inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t dim, bool cosine,
                        const Best<T>& best, int64_t* index_out, T* distance_out) {
+  *index_out = best.index;
+  if (cosine) {
+    // Unit codes, x rows of any norm: the search ranked -x.c (the order of -x.c / |x|); the
+    // distance divides the chosen similarity by |x| (clamped at 1e-12, as F.normalize), so no
+    // normalised copy of x is ever made. Every score non-finite: best.index is 0, code 0.
+    const T norm = std::sqrt(dot(xrow, xrow, dim));
+    *distance_out = T(1) - dot(xrow, codes + best.index * dim, dim) / std::max(norm, T(1e-12));
+    return;
+  }
   T score = best.value;
   if (!(score < std::numeric_limits<T>::infinity())) {  // every score non-finite: code 0
     score = a[0] + m * dot(xrow, codes, dim);
   }
-  *index_out = best.index;
-  if (cosine) {
-    *distance_out = T(1) + score;
-  } else {
+  {
     const T d = dot(xrow, xrow, dim) + score;
     *distance_out = d > T(0) ? d : (d == d ? T(0) : d);  // clamp at 0, keep NaN
   }
