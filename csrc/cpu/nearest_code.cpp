@@ -71,7 +71,7 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
   for (int64_t j = 0; j < k_padded; j += kLanes) {
     for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t d = 0; d < dim; ++d) {
-      const __m256 c = _mm256_loadu_ps(codes_t + d * k_padded + j);
+      const __m256 c = _mm256_loadu_ps(codes_t + j * dim + d * kLanes);
       for (int r = 0; r < 4; ++r)
         acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(rows_ptr + r * dim + d), c, acc[r]);
     }
