@@ -175,7 +175,8 @@ template <typename T>
 void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
                          bool cosine, int64_t* indices, T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  const int64_t k_padded = (k + kLanes - 1) / kLanes * kLanes;
+  // padded to two panels: the AVX2 micro-kernel takes 16 codes a step
+  const int64_t k_padded = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
   // Lane panels of the codebook and padded score offsets: O(K * D), built once per call.
   std::vector<T> codes_t(dim * k_padded, T(0));
   std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
