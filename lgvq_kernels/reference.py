@@ -49,11 +49,24 @@ def segment_sum(values: Tensor, indices: Tensor, num_segments: int) -> Tensor:
     return _SegmentSum.apply(values, indices, num_segments)
 
 
-# Rows per chunk of the search: a chunk's score block [rows, K] holds about this many scores
-# (16 MiB in float32), so the N x K matrix never exists whole, and a block stays near the cache
-# while it is reduced. Chunks this large keep the GEMM at full speed (measured on 2 cores: 1.00x
-# the unchunked addmm at 16384x1024x256).
+# Scores per block of the search: a block [rows, codes] holds about this many (16 MiB in
+# float32), so the N x K matrix never exists whole. Blocks take whole codebooks while that
+# leaves at least MIN_BLOCK_ROWS rows; past that (few rows, huge K) they split the codebook
+# instead of the rows, so that the codebook is read once (64 x 262144 x 256: 16-row blocks
+# re-read its 256 MiB four times, 6x slower than addmm).
 CHUNK_SCORES = 1 << 22
+MIN_BLOCK_ROWS = 256
+
+
+def _block_sizes(n: int, k: int) -> tuple[int, int]:
+    rows = min(n, max(MIN_BLOCK_ROWS, CHUNK_SCORES // k))
+    return rows, min(k, max(1, CHUNK_SCORES // rows))
+
+
+def _squared_norms(rows: Tensor) -> Tensor:
+    # the 2-norm squared: no [rows, D] temporary (rows * rows allocates one: 16 MiB at
+    # 16384 x 256, 3.4x slower than this on one core)
+    return torch.linalg.vector_norm(rows, dim=1).square_()
 
 
 def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, metric: str,
@@ -67,9 +80,11 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     index; a non-finite score is never chosen unless every score of the row is non-finite, in
     which case index 0 is returned with its (non-finite) distance.
 
-    Rows are searched in chunks of ~CHUNK_SCORES scores: one addmm (mm for cosine) and one
-    ``min`` per chunk, extra memory bounded by the chunk whatever N. A chunk whose minimum is
-    not finite (NaN, -inf or a row of +inf) is searched again with the non-finite scores masked.
+    The search runs in blocks of ~CHUNK_SCORES scores (``_block_sizes``): one addmm (mm for
+    cosine) and one ``min`` per block, extra memory bounded by the block whatever N and K. A
+    block whose minimum is not finite (NaN, -inf or a row of +inf) is searched again with the
+    non-finite scores masked. Blocks of codes are merged in ascending order, ties kept by the
+    earlier block (the lower index).
     """
     dtype = compute_dtype(x.dtype)
     xf, cf = x.to(dtype), codebook.to(dtype)
@@ -80,39 +95,62 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
         return indices, best
     l2 = metric == "l2"
     if l2:
-        offsets = (cf * cf).sum(1) if codebook_sqnorm is None else codebook_sqnorm.to(dtype)
-    # a host read per chunk on CPU (free there); on other devices every chunk takes the masked
+        offsets = _squared_norms(cf) if codebook_sqnorm is None else codebook_sqnorm.to(dtype)
+    # a host read per block on CPU (free there); on other devices every block takes the masked
     # path, which needs none
     check_on_host = x.device.type == "cpu"
-    rows = max(1, CHUNK_SCORES // max(k, 1))
+    rows, codes = _block_sizes(n, k)
     with _matmul_precision(precision, x.device):
         for start in range(0, n, rows):
             part = xf[start:start + rows]
-            if l2:
-                scores = torch.addmm(offsets, part, cf.t(), alpha=-2.0)
-            else:
-                scores = torch.mm(part, cf.t()).neg_()
-            chunk_best, chunk_index = best[start:start + rows], indices[start:start + rows]
-            torch.min(scores, dim=1, out=(chunk_best, chunk_index))
-            if check_on_host and bool(torch.isfinite(chunk_best).all()):
-                continue  # a finite minimum: no NaN (min propagates it), no -inf in the row
-            finite = torch.where(torch.isfinite(scores), scores, torch.inf)
-            chunk_index.copy_(finite.argmin(dim=1))
-            chunk_best.copy_(scores.gather(1, chunk_index[:, None]).squeeze(1))
-    duplicates = lowest_duplicate_or_none(cf)
+            row_best, row_index = best[start:start + rows], indices[start:start + rows]
+            for first in range(0, k, codes):
+                block = cf[first:first + codes]
+                if l2:
+                    scores = torch.addmm(offsets[first:first + codes], part, block.t(),
+                                         alpha=-2.0)
+                else:
+                    scores = torch.mm(part, block.t()).neg_()
+                value, index = scores.min(dim=1)
+                if not (check_on_host and bool(torch.isfinite(value).all())):
+                    # NaN (min propagates it), -inf or a row of +inf somewhere: mask them
+                    finite = torch.where(torch.isfinite(scores), scores, torch.inf)
+                    index = finite.argmin(dim=1)
+                    value = scores.gather(1, index[:, None]).squeeze(1)
+                if first == 0:
+                    row_best.copy_(value)
+                    row_index.copy_(index)
+                    continue
+                # a later block replaces a finite best only when strictly lower; a non-finite
+                # best (a row non-finite so far) by any finite value
+                better = (value < row_best) | (~torch.isfinite(row_best) & torch.isfinite(value)
+                                               & (value > -torch.inf))
+                row_best.copy_(torch.where(better, value, row_best))
+                row_index.copy_(torch.where(better, index + first, row_index))
+    duplicates = lowest_duplicate_or_none(cf, offsets if l2 and codebook_sqnorm is None
+                                          else None)
     if duplicates is not None:
         indices = duplicates[indices]
     if l2:
-        return indices, ((xf * xf).sum(1) + best).clamp_min_(0.0)
+        return indices, (_squared_norms(xf) + best).clamp_min_(0.0)
     return indices, 1.0 + best / torch.linalg.vector_norm(xf, dim=1).clamp_min(1e-12)
 
 
-def lowest_duplicate_or_none(codebook: Tensor) -> Tensor | None:
-    """``lowest_duplicate(codebook)``, or None when no two codes can be equal: a cheap exact
-    screen first (equal rows have equal sums of the bit patterns of their absolute values, an
-    integer sum with no rounding), the sort-based ``torch.unique`` only when two sums agree."""
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[codebook.element_size()]
-    keys = codebook.abs().view(bits).sum(1, dtype=torch.int64)
+def lowest_duplicate_or_none(codebook: Tensor, squared_norms: Tensor | None = None
+                             ) -> Tensor | None:
+    """``lowest_duplicate(codebook)``, or None when no two codes can be equal. A screen first:
+    equal rows share their row sum and squared norm (ATen reduces every row of a contiguous
+    matrix in the same order), mixed exactly into one int64 key per row; only when two keys
+    agree does the sort-based ``torch.unique(dim=0)`` run (78 ms at 16384 x 256 on one core,
+    against ~1 ms for the screen). One float key alone would not do: 16384 random |c|^2 share
+    a value ~17 times (birthday collisions over few ulps). ``squared_norms``: |c|^2 if the
+    caller has it."""
+    def bits(values: Tensor) -> Tensor:  # exact: float32 -> float64 is lossless; -0 -> +0
+        return (values.to(torch.float64) + 0.0).view(torch.int64)
+
+    if squared_norms is None:
+        squared_norms = _squared_norms(codebook)
+    keys = bits(codebook.sum(1)) * 1_000_003 + bits(squared_norms)
     if torch.unique(keys).numel() == codebook.shape[0]:
         return None
     return lowest_duplicate(codebook)

@@ -28,7 +28,10 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <cstring>
+#include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace lgvq {
@@ -43,6 +46,7 @@ constexpr int64_t kDirectMaxDim = 64;    // D at or below this uses the direct m
 constexpr int64_t kBlockRows = 256;      // rows per GEMM-path task
 constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 B = 1 MiB scratch)
 constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
+constexpr int64_t kFewRowsTileCodes = 256;  // few-rows path: 256 codes x D=256 x 4 B stay in L2
 
 #if LGVQ_HAVE_AVX2
 #define LGVQ_ISA avx2
@@ -177,25 +181,56 @@ inline void scan_scores<float>(const float* dots, const float* a, float m, int64
 #include "nearest_code_kernels.h"
 #undef LGVQ_ISA
 
-// For each code, the lowest index holding identical bytes; empty when all codes are distinct.
+// ---------------------------------------------------------------------------------------------
+// Exact duplicates: ties to the lowest index
+// ---------------------------------------------------------------------------------------------
 // BLAS may round one dot product differently in different output columns (edge micro-kernels),
-// so exact duplicates need not score equal; remapping restores ties-to-lowest for them. O(K*D).
+// so exact duplicate codes need not score equal. Each chosen index is moved to the lowest code
+// holding identical bytes. A per-code key (the wrap-around sum of the row's bit patterns; equal
+// rows have equal keys) screens the codebook in O(K) after the keys are known; only codes whose
+// key is also a chosen code's key are compared byte for byte. This replaced a hash map over all
+// K rows' bytes: 16 MB hashed per call at 1x16384x256, ~10 ms against a 2 ms search.
 template <typename T>
-std::vector<int64_t> lowest_duplicate(const T* codes, int64_t k, int64_t dim) {
-  std::unordered_map<std::string_view, int64_t> first;
-  first.reserve(static_cast<size_t>(k));
-  std::vector<int64_t> map(static_cast<size_t>(k));
-  bool any = false;
-  for (int64_t c = 0; c < k; ++c) {
-    const std::string_view bytes(reinterpret_cast<const char*>(codes + c * dim), sizeof(T) * dim);
-    const auto [it, inserted] = first.emplace(bytes, c);
-    map[c] = it->second;
-    any |= !inserted;
-  }
-  if (!any) map.clear();
-  return map;
+void code_keys(const T* codes, int64_t k, int64_t dim, uint64_t* keys) {
+  at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) keys[c] = baseline::row_key(codes + c * dim, dim);
+  });
 }
 
+template <typename T>
+void remap_to_lowest_duplicate(const T* codes, const uint64_t* keys, int64_t k, int64_t dim,
+                               int64_t* indices, int64_t n) {
+  std::unordered_set<uint64_t> chosen_keys;
+  for (int64_t i = 0; i < n; ++i) chosen_keys.insert(keys[indices[i]]);
+  // codes sharing a key with a chosen code, ascending: usually just the chosen codes
+  std::unordered_map<uint64_t, std::vector<int64_t>> sharing;
+  bool any = false;
+  for (int64_t c = 0; c < k; ++c) {
+    if (chosen_keys.count(keys[c])) {
+      auto& list = sharing[keys[c]];
+      list.push_back(c);
+      any |= list.size() > 1;
+    }
+  }
+  if (!any) return;
+  std::unordered_map<int64_t, int64_t> lowest;  // chosen index -> its lowest duplicate
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t chosen = indices[i];
+    auto found = lowest.find(chosen);
+    if (found == lowest.end()) {
+      int64_t first = chosen;
+      for (const int64_t c : sharing[keys[chosen]]) {
+        if (c >= chosen) break;
+        if (std::memcmp(codes + c * dim, codes + chosen * dim, sizeof(T) * dim) == 0) {
+          first = c;
+          break;
+        }
+      }
+      found = lowest.emplace(chosen, first).first;
+    }
+    indices[i] = found->second;
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Entry point
@@ -211,35 +246,39 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   // Low precision is widened once here: O(N*D + K*D), never N*K.
   const at::Tensor xc = x.to(compute).contiguous();
   const at::Tensor cc = codebook.to(compute).contiguous();
-  at::Tensor a;
-  if (cosine) {
-    a = at::zeros({k}, cc.options());
-  } else if (has_value(codebook_sqnorm)) {
-    a = codebook_sqnorm->to(compute).contiguous();
-  } else {
-    a = (cc * cc).sum(1);
-  }
   at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor distances = at::empty({n}, x.options().dtype(compute));
   if (n == 0) return {indices, distances};
+  const bool few_rows = n <= kBlockRows && dim > kDirectMaxDim;
+  std::vector<uint64_t> keys(k);
 
   AT_DISPATCH_FLOATING_TYPES(compute, "lgvq_nearest_code_cpu", [&] {
     const scalar_t m = cosine ? scalar_t(-1) : scalar_t(-2);
-    const scalar_t* a_ptr = a.data_ptr<scalar_t>();
     int64_t* index_ptr = indices.data_ptr<int64_t>();
     scalar_t* distance_ptr = distances.data_ptr<scalar_t>();
-    // The AVX2 build of the kernel bodies serves float64 too (the compiler vectorises it).
-    const auto search =
-        dim <= kDirectMaxDim
-            ? LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_direct<scalar_t>,
-                            &baseline::nearest_code_direct<scalar_t>)
-            : LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_gemm<scalar_t>,
-                            &baseline::nearest_code_gemm<scalar_t>);
-    search(xc, cc, a_ptr, m, cosine, index_ptr, distance_ptr);
-    const std::vector<int64_t> canonical = lowest_duplicate(cc.data_ptr<scalar_t>(), k, dim);
-    if (!canonical.empty()) {
-      for (int64_t i = 0; i < n; ++i) index_ptr[i] = canonical[index_ptr[i]];
+    const scalar_t* codes_ptr = cc.data_ptr<scalar_t>();
+    at::Tensor given;
+    if (has_value(codebook_sqnorm) && !cosine) given = codebook_sqnorm->to(compute).contiguous();
+    if (few_rows) {
+      std::vector<scalar_t> a(k);
+      const auto search = LGVQ_PICK_ISA(true, cpu_has_avx2_fma,
+                                        &avx2::nearest_code_few_rows<scalar_t>,
+                                        &baseline::nearest_code_few_rows<scalar_t>);
+      search(xc, cc, given.defined() ? given.data_ptr<scalar_t>() : nullptr, m, cosine,
+             keys.data(), a.data(), index_ptr, distance_ptr);
+    } else {
+      at::Tensor a = cosine ? at::zeros({k}, cc.options()) : given.defined() ? given : (cc * cc).sum(1);
+      code_keys(codes_ptr, k, dim, keys.data());
+      // The AVX2 build of the kernel bodies serves float64 too (the compiler vectorises it).
+      const auto search =
+          dim <= kDirectMaxDim
+              ? LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_direct<scalar_t>,
+                              &baseline::nearest_code_direct<scalar_t>)
+              : LGVQ_PICK_ISA(true, cpu_has_avx2_fma, &avx2::nearest_code_gemm<scalar_t>,
+                              &baseline::nearest_code_gemm<scalar_t>);
+      search(xc, cc, a.data_ptr<scalar_t>(), m, cosine, index_ptr, distance_ptr);
     }
+    remap_to_lowest_duplicate(codes_ptr, keys.data(), k, dim, index_ptr, n);
   });
   return {indices, distances};
 }

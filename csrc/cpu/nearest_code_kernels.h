@@ -56,6 +56,19 @@ inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t f
 }
 
 template <typename T>
+inline uint64_t row_key(const T* row, int64_t dim) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  uint64_t key = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    Bits bits;
+    std::memcpy(&bits, row + d, sizeof(T));  // the bit pattern (no aliasing through a cast)
+    key += bits;
+  }
+  return key;
+}
+
+template <typename T>
 inline T dot(const T* u, const T* v, int64_t n) {
   T s = 0;
   for (int64_t i = 0; i < n; ++i) s += u[i] * v[i];
@@ -211,6 +224,63 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few rows (N <= kBlockRows, D on the GEMM path): parallel over codebook tiles instead of row
+// blocks (one row block would leave every other thread idle), and the per-code work (|c|^2
+// when not given, the duplicate key) done tile by tile just before the tile's GEMM reads the
+// same codes back from cache: one pass over the codebook instead of three. Per-tile minima are
+// merged in tile order, so earlier tiles (lower indices) win ties.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T* given_a,
+                           T m, bool cosine, uint64_t* keys, T* a_out, int64_t* indices,
+                           T* distances) {
+  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
+  const T* codes_ptr = codes.data_ptr<T>();
+  const int64_t tiles = (k + kFewRowsTileCodes - 1) / kFewRowsTileCodes;
+  std::vector<Best<T>> tile_best(tiles * n);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(n * std::min(k, kFewRowsTileCodes));
+    const auto options = x.options();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t code0 = t * kFewRowsTileCodes;
+      const int64_t count = std::min(kFewRowsTileCodes, k - code0);
+      for (int64_t c = code0; c < code0 + count; ++c) {
+        const T* row = codes_ptr + c * dim;
+        keys[c] = row_key(row, dim);
+        if (given_a != nullptr) {
+          a_out[c] = given_a[c];
+        } else if (cosine) {
+          a_out[c] = T(0);
+        } else {
+          // 8 independent partial sums: vectorised without reassociating (a serial sum is not)
+          T lane[kLanes] = {};
+          int64_t d = 0;
+          for (; d + kLanes <= dim; d += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * row[d + l];
+          T sum = 0;
+          for (; d < dim; ++d) sum += row[d] * row[d];
+          for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+          a_out[c] = sum;
+        }
+      }
+      at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
+      at::mm_out(out, x, codes.narrow(0, code0, count).t());
+      for (int64_t r = 0; r < n; ++r)
+        scan_scores<T>(scratch.data() + r * count, a_out + code0, m, count, code0, tile_best[t * n + r]);
+    }
+  });
+  for (int64_t r = 0; r < n; ++r) {
+    Best<T> merged;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const Best<T>& b = tile_best[t * n + r];
+      if (b.value < merged.value) merged = b;  // strict: the earlier tile keeps a tie
+    }
+    finish_row<T>(x.data_ptr<T>() + r * dim, codes_ptr, a_out, m, dim, cosine, merged,
+                  indices + r, distances + r);
+  }
 }
 
 }  // namespace LGVQ_ISA
