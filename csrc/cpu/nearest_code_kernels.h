@@ -108,11 +108,11 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
   const T* x_ptr = x.data_ptr<T>();
   const T* codes_ptr = codes.data_ptr<T>();
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  dynamic_blocks(blocks, [&](const auto& next_block) {
     std::vector<T> scratch(kBlockRows * std::min(k, kTileCodes));
     std::vector<Best<T>> best(kBlockRows);
     const auto options = x.options();
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; (block = next_block()) >= 0;) {
       const int64_t row0 = block * kBlockRows;
       const int64_t rows = std::min(kBlockRows, n - row0);
       std::fill(best.begin(), best.end(), Best<T>{});
@@ -201,10 +201,10 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
   }
   const T* x_ptr = x.data_ptr<T>();
   const int64_t blocks = (n + kDirectBlockRows - 1) / kDirectBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  dynamic_blocks(blocks, [&](const auto& next_block) {
     std::vector<T> padded_rows(kRowGroup * dim, T(0));
     Best<T> best[kRowGroup];
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; (block = next_block()) >= 0;) {
       const int64_t row_end = std::min(n, (block + 1) * kDirectBlockRows);
       for (int64_t row0 = block * kDirectBlockRows; row0 < row_end; row0 += kRowGroup) {
         const int64_t rows = std::min(kRowGroup, row_end - row0);
@@ -241,10 +241,10 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
   const T* codes_ptr = codes.data_ptr<T>();
   const int64_t tiles = (k + kFewRowsTileCodes - 1) / kFewRowsTileCodes;
   std::vector<Best<T>> tile_best(tiles * n);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  dynamic_blocks(tiles, [&](const auto& next_block) {
     std::vector<T> scratch(n * std::min(k, kFewRowsTileCodes));
     const auto options = x.options();
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next_block()) >= 0;) {
       const int64_t code0 = t * kFewRowsTileCodes;
       const int64_t count = std::min(kFewRowsTileCodes, k - code0);
       for (int64_t c = code0; c < code0 + count; ++c) {
