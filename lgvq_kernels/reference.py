@@ -140,17 +140,21 @@ def lowest_duplicate_or_none(codebook: Tensor, squared_norms: Tensor | None = No
                              ) -> Tensor | None:
     """``lowest_duplicate(codebook)``, or None when no two codes can be equal. A screen first:
     equal rows share their row sum and squared norm (ATen reduces every row of a contiguous
-    matrix in the same order), mixed exactly into one int64 key per row; only when two keys
+    matrix in the same order), packed into one int64 key per row (float32: the two bit patterns
+    side by side; a lossy mix of float32 values widened to float64 collided at K = 262144 and
+    sent the search to the slow path); only when two keys
     agree does the sort-based ``torch.unique(dim=0)`` run (78 ms at 16384 x 256 on one core,
     against ~1 ms for the screen). One float key alone would not do: 16384 random |c|^2 share
     a value ~17 times (birthday collisions over few ulps). ``squared_norms``: |c|^2 if the
     caller has it."""
-    def bits(values: Tensor) -> Tensor:  # exact: float32 -> float64 is lossless; -0 -> +0
-        return (values.to(torch.float64) + 0.0).view(torch.int64)
-
     if squared_norms is None:
         squared_norms = _squared_norms(codebook)
-    keys = bits(codebook.sum(1)) * 1_000_003 + bits(squared_norms)
+    sums = codebook.sum(1) + 0.0  # (-0 -> +0)
+    if sums.dtype == torch.float64:  # 64-bit patterns, mixed (collisions as rare as random)
+        keys = sums.view(torch.int64) * -7046029254386353131 ^ squared_norms.view(torch.int64)
+    else:  # both 32-bit patterns side by side: one int64 per distinct pair, exactly
+        keys = (sums.view(torch.int32).to(torch.int64) << 32) \
+            | (squared_norms.view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
     if torch.unique(keys).numel() == codebook.shape[0]:
         return None
     return lowest_duplicate(codebook)
