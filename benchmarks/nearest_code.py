@@ -290,7 +290,8 @@ def _memory_target(rows, provider, device_type):
     mine = [row for row in rows if row.provider == provider and row.device_type == device_type]
     measured = [row for row in mine if row.status == "ok" and row.peak_extra_bytes is not None]
     if not measured:
-        reason = mine[0].note if mine else "provider not in this run"
+        reason = (mine[0].note or "memory not measured (--no-memory)") if mine \
+            else "provider not in this run"
         return harness.Target(description, "NOT MEASURED", reason)
     worst = max(measured, key=lambda row: row.peak_extra_bytes)
     unmeasured = len(mine) - len(measured)
