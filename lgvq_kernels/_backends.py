@@ -242,17 +242,17 @@ def _native(op: str) -> Callable:
 
 
 def _unit_x_for_cosine(x, metric):
-    """The GPU nearest-code kernels (CUDA, Triton) take unit x rows for cosine; the op's
-    contract gives them any norm (the codebook arrives unit-normalised)."""
-    if metric != "cosine" or x.device.type == "cpu":
-        return x  # the CPU kernels divide the chosen similarity by |x| themselves
-    return torch.nn.functional.normalize(x, dim=-1)
+    """The CUDA and Triton nearest-code kernels (Triton interpreted on CPU tensors too) take
+    unit x rows for cosine; the op's contract gives them any norm (the codebook arrives
+    unit-normalised). The C++ CPU kernels divide the chosen similarity by |x| themselves."""
+    return torch.nn.functional.normalize(x, dim=-1) if metric == "cosine" else x
 
 
 def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
     # The compiled op takes a cosine flag and has no tf32 mode: it ignores precision.
-    return _native("nearest_code")(_unit_x_for_cosine(x, metric), codebook, codebook_sqnorm,
-                                   metric == "cosine")
+    if x.device.type != "cpu":
+        x = _unit_x_for_cosine(x, metric)
+    return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
 
 
 def _triton_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
