@@ -17,6 +17,9 @@ Providers (ids for --providers, then what the table shows):
                       (cosine: l2norm'd input and einsum), gumbel_sample(dist, training=True)
                       = argmax plus the N x K one-hot it builds for the update
   gemm                the floor: x @ codebook.T, nothing else
+  native-op           the per-call overhead rows: torch.ops.lgvq.nearest_code(..., "native")
+  native-kernel       on inputs laid out as the public function lays them out, and the CPU
+                      kernel torch.ops.lgvq_C.nearest_code alone
 """
 
 from __future__ import annotations
@@ -26,27 +29,35 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 
+def _with_cosine(shapes: list[dict]) -> list[dict]:
+    """Each size twice: l2, then cosine (cosine must cost what l2 costs, at every size)."""
+    return [dict(shape, metric=metric) for shape in shapes for metric in ("l2", "cosine")]
+
+
 SHAPE_SETS = {
     # CI / demo: the whole set runs in well under a minute on 2 cores.
-    "quick": [
-        {"N": 1024, "K": 1024, "D": 64, "metric": "l2"},
-        {"N": 4096, "K": 1024, "D": 256, "metric": "l2"},
-        {"N": 2048, "K": 4096, "D": 8, "metric": "l2"},
-        {"N": 2048, "K": 2048, "D": 32, "metric": "cosine"},
-    ],
+    "quick": _with_cosine([
+        {"N": 1024, "K": 1024, "D": 64},
+        {"N": 4096, "K": 1024, "D": 256},
+        {"N": 2048, "K": 4096, "D": 8},
+        {"N": 2048, "K": 2048, "D": 32},
+    ]),
     # the shapes that matter (docs/benchmarks.md) that fit a 24 GiB, 2-core machine, and the
     # shapes of the targets
-    "full": [
-        {"N": 2048, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ, small batch
-        {"N": 16384, "K": 1024, "D": 256, "metric": "l2"},  # VQGAN f16 / LG-VQ
-        {"N": 4096, "K": 16384, "D": 256, "metric": "l2"},  # RQ-VAE stage (64 x B=64)
-        {"N": 16384, "K": 16384, "D": 256, "metric": "l2"},  # VQGAN large codebook: target
-        {"N": 8192, "K": 16384, "D": 8, "metric": "cosine"},  # LlamaGen (256 x B=32)
-        {"N": 65536, "K": 16384, "D": 8, "metric": "l2"},  # target (D=8)
-        {"N": 65536, "K": 100000, "D": 8, "metric": "l2"},  # VQGAN-LC: N x K matrix is 26 GB
-        {"N": 64, "K": 262144, "D": 256, "metric": "l2"},  # inference look-up, large codebook
-        {"N": 1, "K": 16384, "D": 256, "metric": "l2"},  # inference look-up, one vector
-    ],
+    "full": _with_cosine([
+        {"N": 1024, "K": 1024, "D": 64},  # medium shapes (issue: never slower than PyTorch)
+        {"N": 4096, "K": 1024, "D": 256},
+        {"N": 2048, "K": 2048, "D": 32},
+        {"N": 2048, "K": 1024, "D": 256},  # VQGAN f16 / LG-VQ, small batch
+        {"N": 16384, "K": 1024, "D": 256},  # VQGAN f16 / LG-VQ
+        {"N": 4096, "K": 16384, "D": 256},  # RQ-VAE stage (64 x B=64)
+        {"N": 16384, "K": 16384, "D": 256},  # VQGAN large codebook: target
+        {"N": 8192, "K": 16384, "D": 8},  # LlamaGen (256 x B=32; cosine there)
+        {"N": 65536, "K": 16384, "D": 8},  # target (D=8)
+        {"N": 65536, "K": 100000, "D": 8},  # VQGAN-LC: N x K matrix is 26 GB
+        {"N": 64, "K": 262144, "D": 256},  # inference look-up, large codebook
+        {"N": 1, "K": 16384, "D": 256},  # inference look-up, one vector
+    ]),
     # gpu_check.sh: kept small enough for its 8-minute limit on one H100.
     "gpu": [
         {"N": 16384, "K": 1024, "D": 256, "metric": "l2"},
@@ -143,13 +154,53 @@ for _backend in ("native", "triton"):
                     available=harness.lgvq_backend_available(_backend, "nearest_code"),
                     extra_bytes=_streaming_extra)(_lgvq_factory(_backend))
 
+def _reference_extra(shape: dict, dtype: str) -> int:
+    # one chunk of float32 scores (reference.CHUNK_SCORES), the masked copy where a chunk's
+    # minimum is not finite, plus the normalised codebook
+    from lgvq_kernels.reference import CHUNK_SCORES
+
+    rows = min(shape["N"], max(1, CHUNK_SCORES // shape["K"]))
+    return 2 * 4 * rows * shape["K"] + _streaming_extra(shape, dtype)
+
+
 FAMILY.provider(
     "lgvq-reference", "lgvq reference",
     available=harness.lgvq_backend_available("reference", "nearest_code"),
-    # float32 scores, the isfinite mask, its masked copy, argmin scratch: ~11 bytes per score
-    # (measured 176 MiB at 4096 x 4096), plus upcast/normalised inputs
-    extra_bytes=lambda shape, dtype: 11 * _nk(shape) + _normalised_copies(shape),
+    extra_bytes=_reference_extra,
 )(_lgvq_factory("reference"))
+
+
+# The per-call overhead of the public function (validation, layout, backend choice): the same
+# search through the registered op (torch.ops.lgvq, inputs laid out as the public function lays
+# them out) and through the C++ kernel alone (torch.ops.lgvq_C, CPU).
+def _laid_out(shape: dict, device: torch.device, dtype: str):
+    x, codebook = make_inputs(shape, device, dtype)
+    if _metric(shape) == "cosine":  # what lgvq_kernels.nearest_code hands the op
+        return x.float(), F.normalize(codebook.float(), dim=1)
+    return x, codebook
+
+
+@FAMILY.provider("native-op", "lgvq native: registered op only",
+                 available=harness.lgvq_backend_available("native", "nearest_code"),
+                 extra_bytes=_streaming_extra)
+def native_registered_op(shape: dict, device: torch.device, dtype: str):
+    x, codebook = _laid_out(shape, device, dtype)
+    metric, precision = _metric(shape), harness.precision(dtype)
+    return lambda: torch.ops.lgvq.nearest_code(x, codebook, None, metric, precision, "native")
+
+
+@FAMILY.provider("native-kernel", "lgvq native: C++ kernel only",
+                 available=harness.lgvq_backend_available("native", "nearest_code"),
+                 applies=lambda shape, dtype, device: "" if device.type == "cpu"
+                 else "the CPU kernel's overhead row",
+                 extra_bytes=_streaming_extra)
+def native_kernel(shape: dict, device: torch.device, dtype: str):
+    from lgvq_kernels._backends import _native_module
+
+    _native_module()  # registers torch.ops.lgvq_C
+    x, codebook = _laid_out(shape, device, dtype)
+    kernel, cosine = torch.ops.lgvq_C.nearest_code, _metric(shape) == "cosine"
+    return lambda: kernel(x, codebook, None, cosine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +290,8 @@ def _memory_target(rows, provider, device_type):
     mine = [row for row in rows if row.provider == provider and row.device_type == device_type]
     measured = [row for row in mine if row.status == "ok" and row.peak_extra_bytes is not None]
     if not measured:
-        reason = mine[0].note if mine else "provider not in this run"
+        reason = (mine[0].note or "memory not measured (--no-memory)") if mine \
+            else "provider not in this run"
         return harness.Target(description, "NOT MEASURED", reason)
     worst = max(measured, key=lambda row: row.peak_extra_bytes)
     unmeasured = len(mine) - len(measured)
@@ -268,6 +320,16 @@ def targets(rows: list[harness.Row]) -> list[harness.Target]:
             float32_ratio("native CPU vs torch addmm+argmin at 65536x16384x8 fp32: >= 5x faster",
                           "torch-addmm-argmin", "lgvq-native", "65536x16384x8", at_least=5.0),
             _memory_target(rows, "lgvq-native", "cpu"),
+            harness.every_shape_target(
+                "native CPU >= 1.0x torch addmm+argmin at every shape, cosine included",
+                rows, "torch-addmm-argmin", "lgvq-native", at_least=1.0, device_type="cpu"),
+            harness.every_shape_target(
+                "native CPU <= 1.0x the bare GEMM at every shape with D >= 32 and N*K >= 4M",
+                rows, "lgvq-native", "gemm", at_most=1.0, device_type="cpu",
+                applies=lambda shape: shape["D"] >= 32 and _nk(shape) >= 4 * 2**20),
+            harness.every_shape_target(
+                "reference CPU >= 0.95x torch addmm+argmin at every shape",
+                rows, "torch-addmm-argmin", "lgvq-reference", at_least=0.95, device_type="cpu"),
         ]
     if any(row.device_type == "cuda" for row in rows):
         for provider in ("lgvq-native", "lgvq-triton"):

@@ -249,6 +249,81 @@ def plot(family: harness.OpFamily, rows: list[harness.Row], path: str, title: st
     return None
 
 
+def _problem_size(shape: dict) -> int:
+    """The product of a shape's whole-number fields: N*K*D for nearest code and quantizer."""
+    size = 1
+    for value in shape.values():
+        if isinstance(value, int):
+            size *= value
+    return size
+
+
+def speedup_plot(family: harness.OpFamily, rows: list[harness.Row], path: str,
+                 title: str) -> str | None:
+    """Speed-up over the op's baseline (log) against the problem size N*K*D (log), one series
+    per provider, one panel per dtype: a provider below 1 anywhere, or a dip at some size, shows
+    at a glance. Shapes whose word fields depart from their defaults (cosine) are a separate,
+    dotted series with hollow markers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        return f"no speed-up plot: matplotlib is not importable ({error})"
+    if not family.baseline:
+        return "no speed-up plot: the op has no baseline"
+    ok = [row for row in rows if row.status == "ok"]
+    cases = _by_case(ok)
+    dtypes = list(dict.fromkeys(row.dtype for row in ok))
+    providers = [name for name in family.providers
+                 if name != family.baseline and any(row.provider == name for row in ok)]
+    if not dtypes or not providers:
+        return "no speed-up plot: no measured pair"
+    figure, axes = plt.subplots(len(dtypes), 1, squeeze=False, figsize=(8.5, 4.6 * len(dtypes)))
+    colors, markers = plt.get_cmap("tab10"), "osD^v<>ph*"
+    defaults = {name: words[0] for name, words in family.shape_format.words.items()} \
+        if family.shape_format else {}
+    for axis, dtype in zip(axes[:, 0], dtypes):
+        for index, name in enumerate(providers):
+            series: dict[str, list[tuple[int, float]]] = {}  # "" or e.g. "cosine" -> points
+            for row in ok:
+                if row.provider != name or row.dtype != dtype:
+                    continue
+                shape = row.shape_dict
+                words = " ".join(str(shape[key]) for key, value in defaults.items()
+                                 if shape.get(key, value) != value)
+                speedup = _ratio(_ok_median(cases.get((row.shape_json, dtype, family.baseline))),
+                                 row.median_s)
+                if speedup:
+                    series.setdefault(words, []).append((_problem_size(shape), speedup))
+            color = colors(index % 10)
+            for words, points in sorted(series.items()):
+                points.sort()
+                axis.plot([x for x, _ in points], [y for _, y in points],
+                          marker=markers[index % len(markers)], linestyle=":" if words else "-",
+                          color=color, markerfacecolor="none" if words else color,
+                          label=family.providers[name].label + (f" ({words})" if words else ""))
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("problem size (product of the shape's sizes, N*K*D)")
+        baseline = family.providers[family.baseline].label
+        axis.set_ylabel(f"speed-up vs {baseline} (log)")
+        axis.set_title(f"{family.name} — {dtype}: above 1 is faster than the baseline",
+                       fontsize=10)
+        axis.grid(which="both", alpha=0.3)
+        axis.legend(fontsize=6, ncol=2)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -354,7 +429,7 @@ def main(argv=None) -> int:
             *(["Unavailable providers:", "", *unavailable, ""] if unavailable else []),
             *(["Targets (docs/benchmarks.md), from these numbers:", "",
                *[f"- {t.line()}" for t in targets], ""] if targets else []),
-            f"![{op}]({stem}.png)", "", ""])
+            f"![{op}]({stem}.png)", "", f"![{op} speed-up]({stem}_speedup.png)", "", ""])
         previous = ""
         if os.path.exists(markdown_path):
             with open(markdown_path) as f:
@@ -369,6 +444,13 @@ def main(argv=None) -> int:
                 print(problem)
             else:
                 written.append(png_path)
+            speedup_path = os.path.join(args.out, stem + "_speedup.png")
+            problem = speedup_plot(family, rows, speedup_path,
+                                   f"{op} speed-up — {run.device[:110]}")
+            if problem:
+                print(problem)
+            else:
+                written.append(speedup_path)
         print("\nwritten: " + ", ".join(os.path.relpath(p) for p in written))
 
     if args.summary:

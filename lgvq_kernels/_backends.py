@@ -241,9 +241,23 @@ def _native(op: str) -> Callable:
     return call
 
 
+def _unit_x_for_cosine(x, metric):
+    """The CUDA and Triton nearest-code kernels (Triton interpreted on CPU tensors too) take
+    unit x rows for cosine; the op's contract gives them any norm (the codebook arrives
+    unit-normalised). The C++ CPU kernels divide the chosen similarity by |x| themselves."""
+    return torch.nn.functional.normalize(x, dim=-1) if metric == "cosine" else x
+
+
 def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
     # The compiled op takes a cosine flag and has no tf32 mode: it ignores precision.
+    if x.device.type != "cpu":
+        x = _unit_x_for_cosine(x, metric)
     return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
+
+
+def _triton_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
+    return _triton("nearest_code")(_unit_x_for_cosine(x, metric), codebook, codebook_sqnorm,
+                                   metric, precision)
 
 
 def _triton(op: str) -> Callable:
@@ -267,5 +281,5 @@ def implementation(op: str, backend: str) -> Callable:
     if backend == "native":
         return _native_nearest_code if op == "nearest_code" else _native(op)
     if backend == "triton":
-        return _triton(op)
+        return _triton_nearest_code if op == "nearest_code" else _triton(op)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

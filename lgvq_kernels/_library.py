@@ -26,7 +26,8 @@ from lgvq_kernels._backends import implementation
 def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor], metric: str,
                  precision: str, backend: str) -> tuple[Tensor, Tensor]:
     """x [N, D] contiguous, codebook [K, D] contiguous, same dtype → (indices [N] int64,
-    distances [N] float32, or float64 for float64 inputs)."""
+    distances [N] float32, or float64 for float64 inputs). Cosine: the codebook rows are unit,
+    x rows any norm; distance = 1 - x.c / max(|x|, 1e-12)."""
     indices, distances = implementation("nearest_code", backend)(x, codebook, codebook_sqnorm,
                                                                  metric, precision)
     return indices, distances
@@ -56,8 +57,14 @@ def _nearest_code_backward(ctx, grad_indices, grad_distances):
     g = grad_distances.to(dtype)[:, None]
     xf, chosen = x.to(dtype), codebook.to(dtype).index_select(0, indices)
     grad_sqnorm = None
-    if ctx.metric == "cosine":  # d = 1 - x.c with unit inputs
-        grad_x, grad_chosen = -chosen * g, -xf * g
+    if ctx.metric == "cosine":  # d = 1 - u.c with u = x / max(|x|, eps) and unit codes
+        norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+        scale = norm.clamp_min(1e-12)
+        unit = xf / scale
+        # du/dx: (I - u u^T) / |x| above eps (as F.normalize's backward), I / eps below
+        similarity = (unit * chosen).sum(1, keepdim=True)
+        projected = torch.where(norm > 1e-12, chosen - similarity * unit, chosen)
+        grad_x, grad_chosen = -projected * g / scale, -unit * g
     elif ctx.has_sqnorm:  # d = |x|^2 - 2 x.c + sqnorm[k]: sqnorm is an independent input
         grad_x, grad_chosen = 2.0 * (xf - chosen) * g, -2.0 * xf * g
         grad_sqnorm = reference.segment_sum(g[:, 0], indices, codebook.shape[0])

@@ -96,3 +96,60 @@ def test_official_loop_baseline_computes_the_relation_loss():
                                                     backend="reference").loss
     expected.backward()
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_time_functions_interleaves_the_candidates_and_isolates_a_failure():
+    import torch
+
+    from benchmarks import harness
+
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        if len([c for c in calls if c == "broken"]) > 2:  # fails in the timed samples
+            raise RuntimeError("it broke")
+
+    config = harness.TimingConfig(repeats=4, warmup=1, warmup_s=0.0, min_sample_s=0.0)
+    results = harness.time_functions({"a": lambda: calls.append("a"),
+                                      "b": lambda: calls.append("b"), "broken": broken},
+                                     torch.device("cpu"), config)
+    assert isinstance(results["broken"], RuntimeError)
+    assert results["a"].repeats == results["b"].repeats == 4
+    timed = [c for c in calls[calls.index("broken", calls.index("broken") + 1) + 1:]
+             if c != "broken"]
+    assert timed == ["a", "b"] * 4  # one sample of each in turn, not all of a then all of b
+
+
+def test_every_shape_target_judges_the_worst_shape():
+    from benchmarks import harness
+
+    rows = []
+    for shape, base, mine in (("1x2x3", 0.002, 0.001), ("4x5x6", 0.002, 0.004)):
+        for provider, median in (("base", base), ("mine", mine)):
+            row = _row(provider, median)
+            row.shape, row.shape_json = shape, f'{{"N": {shape[0]}}}'
+            rows.append(row)
+    target = harness.every_shape_target("d", rows, "base", "mine", at_least=1.0)
+    assert target.status == "NOT MET" and target.detail.startswith("worst 0.50x at 4x5x6")
+    only_first = harness.every_shape_target("d", rows, "base", "mine", at_least=1.0,
+                                            applies=lambda shape: shape["N"] == 1)
+    assert only_first.status == "MET" and "over 1 shape(s)" in only_first.detail
+
+
+def test_speedup_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import harness, report
+
+    family = harness.get_family("nearest_code")
+    rows = []
+    for shape, base, mine in (({"N": 8, "K": 4, "D": 2, "metric": "l2"}, 2.0, 1.0),
+                              ({"N": 8, "K": 4, "D": 2, "metric": "cosine"}, 2.0, 4.0)):
+        for provider, median in (("torch-addmm-argmin", base), ("lgvq-native", mine)):
+            row = _row(provider, median)
+            row.shape = family.shape_label(shape)
+            row.shape_json = __import__("json").dumps(shape, sort_keys=True)
+            rows.append(row)
+    path = tmp_path / "speedup.png"
+    assert report.speedup_plot(family, rows, str(path), "title") is None
+    assert path.stat().st_size > 0

@@ -4,7 +4,8 @@
 * ``shapes``: how a family writes shapes on the command line and labels them in tables.
 * ``dtypes``: dtype modes ("float32", "tf32", ...) and the matmul precision each sets.
 * ``machine``: the machine line, versions, load average, the default memory budget.
-* ``timing``: wall-clock median / p20 / p80 of one case after warm-up.
+* ``timing``: wall-clock median / p20 / p80 of one case after warm-up; the providers of a
+  case interleaved.
 * ``memory``: peak extra memory of one call (CUDA in-process, CPU in a worker process).
 * ``rows``: result rows, their formatting and the CSV file.
 * ``targets``: performance targets judged from the rows (MET / NOT MET / NOT MEASURED).
@@ -61,17 +62,25 @@ from benchmarks.harness.runner import (
     run_pytest_benchmark,
 )
 from benchmarks.harness.shapes import ShapeFormat, parse_key_values
-from benchmarks.harness.targets import Target, ratio_target, rows_by_case
-from benchmarks.harness.timing import Timing, TimingConfig, percentile, time_function
+from benchmarks.harness.targets import Target, every_shape_target, ratio_target, rows_by_case
+from benchmarks.harness.timing import (
+    Timing,
+    TimingConfig,
+    percentile,
+    time_function,
+    time_functions,
+)
 
 __all__ = [
     "DTYPES", "FAMILIES", "GiB", "MiB", "REPO_ROOT", "ROW_FIELDS", "MemoryWorker", "OpFamily",
     "Provider", "Row", "RunInfo", "ShapeFormat", "Target", "Timing", "TimingConfig",
     "append_csv", "case_skip_reason", "cpu_model", "default_memory_budget", "describe_device",
-    "discover", "dtype_reason", "element_size", "error_text", "format_mib", "format_seconds",
+    "discover", "dtype_reason", "element_size", "error_text", "every_shape_target",
+    "format_mib", "format_seconds",
     "get_family", "importable", "lgvq_backend_available", "load_average", "matmul_precision",
     "measure_peak_cpu", "measure_peak_cuda", "new_run_info", "parse_key_values", "percentile",
     "precision", "provider_unavailable_reason", "ratio_target", "read_csv", "register",
-    "rows_by_case", "run_cases", "run_pytest_benchmark", "time_function", "torch_dtype",
+    "rows_by_case", "run_cases", "run_pytest_benchmark", "time_function", "time_functions",
+    "torch_dtype",
     "versions",
 ]

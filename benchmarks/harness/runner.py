@@ -15,9 +15,9 @@ from benchmarks.harness.dtypes import dtype_reason, matmul_precision
 from benchmarks.harness.machine import GiB, MiB, default_memory_budget, describe_device, \
     load_average
 from benchmarks.harness.memory import MemoryWorker, measure_peak_cuda
-from benchmarks.harness.registry import OpFamily, Provider
+from benchmarks.harness.registry import OpFamily
 from benchmarks.harness.rows import Row, RunInfo, error_text, format_seconds, new_run_info
-from benchmarks.harness.timing import TimingConfig, synchronizer, time_function
+from benchmarks.harness.timing import TimingConfig, synchronizer, time_functions
 
 
 def case_skip_reason(family: OpFamily, provider: str, shape: dict, dtype: str,
@@ -65,52 +65,75 @@ def run_cases(family: OpFamily, shapes: list[dict], providers: list[str], dtypes
         availability[name] = (not reason, reason)
 
     rows: list[Row] = []
-    cases = [(shape, dtype, name) for shape in shapes for dtype in dtypes for name in providers]
-    for index, (shape, dtype, name) in enumerate(cases, 1):
-        provider = family.providers[name]
-        row = Row(run_id=run.run_id, date=run.date, op=family.name, provider=name,
-                  provider_label=provider.label, shape=family.shape_label(shape),
-                  shape_json=json.dumps(shape, sort_keys=True), dtype=dtype,
-                  device_type=device.type, status="skipped", device=run.device,
-                  threads=torch.get_num_threads(), torch_version=run.versions["torch"],
-                  lgvq_version=run.versions["lgvq"], triton_version=run.versions["triton"])
-        rows.append(row)
-        row.load_avg = load_average()
-        usable, reason = availability[name]
-        if not usable:
-            row.note, row.unavailable = f"unavailable: {reason}", True
-        elif reason := case_skip_reason(family, name, shape, dtype, device, budget):
-            row.note = reason
-        else:
-            _time_case(row, family, provider, shape, dtype, device, timing, memory)
-        progress(f"[{index}/{len(cases)}] {family.name} {row.shape} {dtype} {name}: "
-                 + (format_seconds(row.median_s) if row.status == "ok" else
-                    f"{row.status} ({row.note[:90]})"))
+    total, done = len(shapes) * len(dtypes) * len(providers), 0
+    for shape in shapes:
+        for dtype in dtypes:
+            timed: list[Row] = []  # the providers of this case, timed in turn (interleaved)
+            for name in providers:
+                provider = family.providers[name]
+                row = Row(run_id=run.run_id, date=run.date, op=family.name, provider=name,
+                          provider_label=provider.label, shape=family.shape_label(shape),
+                          shape_json=json.dumps(shape, sort_keys=True), dtype=dtype,
+                          device_type=device.type, status="skipped", device=run.device,
+                          threads=torch.get_num_threads(), torch_version=run.versions["torch"],
+                          lgvq_version=run.versions["lgvq"],
+                          triton_version=run.versions["triton"])
+                rows.append(row)
+                row.load_avg = load_average()
+                usable, reason = availability[name]
+                if not usable:
+                    row.note, row.unavailable = f"unavailable: {reason}", True
+                elif reason := case_skip_reason(family, name, shape, dtype, device, budget):
+                    row.note = reason
+                else:
+                    timed.append(row)
+            _time_case(timed, family, shape, dtype, device, timing, memory)
+            for row in rows[len(rows) - len(providers):]:
+                done += 1
+                progress(f"[{done}/{total}] {family.name} {row.shape} {dtype} {row.provider}: "
+                         + (format_seconds(row.median_s) if row.status == "ok" else
+                            f"{row.status} ({row.note[:90]})"))
 
     if memory and device.type == "cpu":
         _measure_cpu_rows(family, rows, run, progress)
     return rows
 
 
-def _time_case(row: Row, family: OpFamily, provider: Provider, shape: dict, dtype: str,
+def _time_case(rows: list[Row], family: OpFamily, shape: dict, dtype: str,
                device: torch.device, timing: TimingConfig, memory: bool) -> None:
-    fn = None
+    """Time the providers of ``rows`` on one shape and dtype, their samples interleaved."""
+    fns = {}
     try:
         with warnings.catch_warnings(), matmul_precision(dtype, device):
             warnings.simplefilter("ignore")
-            fn = provider.factory(shape, device, dtype)
-            result = time_function(fn, device, timing)
-            row.status = "ok"
-            row.median_s, row.p20_s, row.p80_s = result.median_s, result.p20_s, result.p80_s
-            row.first_call_s, row.repeats, row.number = (result.first_call_s, result.repeats,
-                                                         result.number)
+            for row in rows:
+                try:
+                    fns[row.provider] = family.providers[row.provider].factory(shape, device,
+                                                                               dtype)
+                except Exception as error:  # noqa: BLE001 - one failing case never stops the run
+                    row.status, row.note = "error", error_text(error)
+            results = time_functions(fns, device, timing)
+            for row in rows:
+                result = results.get(row.provider)
+                if isinstance(result, Exception):
+                    row.status, row.note = "error", error_text(result)
+                elif result is not None:
+                    row.status = "ok"
+                    row.median_s, row.p20_s, row.p80_s = (result.median_s, result.p20_s,
+                                                          result.p80_s)
+                    row.first_call_s, row.repeats, row.number = (result.first_call_s,
+                                                                 result.repeats, result.number)
             if memory and device.type == "cuda":
-                row.peak_extra_bytes = measure_peak_cuda(fn, device)
-                row.memory_method = "cuda max_memory_allocated"
-    except Exception as error:  # noqa: BLE001 - one failing case never stops the run
-        row.status, row.note = "error", error_text(error)
+                for row in rows:
+                    if row.status == "ok":
+                        row.peak_extra_bytes = measure_peak_cuda(fns[row.provider], device)
+                        row.memory_method = "cuda max_memory_allocated"
+    except Exception as error:  # noqa: BLE001
+        for row in rows:
+            if row.status != "ok":
+                row.status, row.note = "error", error_text(error)
     finally:
-        del fn
+        fns.clear()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

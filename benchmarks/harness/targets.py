@@ -55,3 +55,32 @@ def ratio_target(description: str, case: Mapping[str, Row], numerator: str, deno
     detail = (f"{ratio:.2f}x ({numerator} {format_seconds(top)} / {denominator} "
               f"{format_seconds(bottom)}; needs {needs})")
     return Target(description, "MET" if met else "NOT MET", detail)
+
+
+def every_shape_target(description: str, rows: list[Row], numerator: str, denominator: str,
+                       *, at_least: float | None = None, at_most: float | None = None,
+                       applies=lambda shape: True, device_type: str | None = None) -> Target:
+    """A target on median(numerator) / median(denominator) at every (shape, dtype) of the run
+    where ``applies(shape dict)``: MET when the worst ratio meets it; the detail names the worst
+    shape and how many shapes were compared (or could not be)."""
+    ratios, missing = [], []
+    for (label, dtype), case in rows_by_case(rows, device_type).items():
+        top, bottom = case.get(numerator), case.get(denominator)
+        if top is None and bottom is None:
+            continue
+        shape = (top or bottom).shape_dict
+        if not applies(shape):
+            continue
+        if top is None or bottom is None or top.status != "ok" or bottom.status != "ok":
+            missing.append(f"{label} {dtype}")
+            continue
+        ratios.append((top.median_s / bottom.median_s, f"{label} {dtype}"))
+    if not ratios:
+        return Target(description, "NOT MEASURED",
+                      f"no measured pair of {numerator} and {denominator}")
+    low, high = min(ratios), max(ratios)
+    worst = low if at_least is not None else high
+    met = (at_least is None or low[0] >= at_least) and (at_most is None or high[0] <= at_most)
+    detail = (f"worst {worst[0]:.2f}x at {worst[1]} over {len(ratios)} shape(s)"
+              + (f"; not measured: {', '.join(missing)}" if missing else ""))
+    return Target(description, "MET" if met else "NOT MET", detail)

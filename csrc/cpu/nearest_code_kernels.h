@@ -56,6 +56,19 @@ inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t f
 }
 
 template <typename T>
+inline uint64_t row_key(const T* row, int64_t dim) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  uint64_t key = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    Bits bits;
+    std::memcpy(&bits, row + d, sizeof(T));  // the bit pattern (no aliasing through a cast)
+    key += bits;
+  }
+  return key;
+}
+
+template <typename T>
 inline T dot(const T* u, const T* v, int64_t n) {
   T s = 0;
   for (int64_t i = 0; i < n; ++i) s += u[i] * v[i];
@@ -66,14 +79,20 @@ inline T dot(const T* u, const T* v, int64_t n) {
 template <typename T>
 inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t dim, bool cosine,
                        const Best<T>& best, int64_t* index_out, T* distance_out) {
+  *index_out = best.index;
+  if (cosine) {
+    // Unit codes, x rows of any norm: the search ranked -x.c (the order of -x.c / |x|); the
+    // distance divides the chosen similarity by |x| (clamped at 1e-12, as F.normalize), so no
+    // normalised copy of x is ever made. Every score non-finite: best.index is 0, code 0.
+    const T norm = std::sqrt(dot(xrow, xrow, dim));
+    *distance_out = T(1) - dot(xrow, codes + best.index * dim, dim) / std::max(norm, T(1e-12));
+    return;
+  }
   T score = best.value;
   if (!(score < std::numeric_limits<T>::infinity())) {  // every score non-finite: code 0
     score = a[0] + m * dot(xrow, codes, dim);
   }
-  *index_out = best.index;
-  if (cosine) {
-    *distance_out = T(1) + score;
-  } else {
+  {
     const T d = dot(xrow, xrow, dim) + score;
     *distance_out = d > T(0) ? d : (d == d ? T(0) : d);  // clamp at 0, keep NaN
   }
@@ -89,11 +108,11 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
   const T* x_ptr = x.data_ptr<T>();
   const T* codes_ptr = codes.data_ptr<T>();
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  dynamic_blocks(blocks, [&](const auto& next_block) {
     std::vector<T> scratch(kBlockRows * std::min(k, kTileCodes));
     std::vector<Best<T>> best(kBlockRows);
     const auto options = x.options();
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; (block = next_block()) >= 0;) {
       const int64_t row0 = block * kBlockRows;
       const int64_t rows = std::min(kBlockRows, n - row0);
       std::fill(best.begin(), best.end(), Best<T>{});
@@ -119,8 +138,11 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
 // Direct micro-kernel path (small D)
 // ---------------------------------------------------------------------------------------------
 
-// kRowGroup rows against all codes; codes_t is [dim][k_padded] with k_padded % kLanes == 0 and
-// padded columns scored +inf through a_padded.
+// kRowGroup rows against all codes; codes_t holds the codebook in panels of kLanes codes,
+// [k_padded / kLanes][dim][kLanes] (k_padded % kLanes == 0), padded codes scored +inf through
+// a_padded. Panels make a step's loads one contiguous run of dim x 32 bytes: the former [dim][K]
+// layout read dim lines K * 4 bytes apart, which alias to one L1 set when K * 4 is a multiple
+// of 4 KiB (measured 2048x2048x32: 17.6 ms vs 4.0 ms at D=16, one thread).
 template <typename T>
 inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, const T* a_padded,
                              T m, int64_t k_padded, Best<T>* best) {
@@ -134,7 +156,7 @@ inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, c
   for (int64_t j = 0; j < k_padded; j += kLanes) {
     T acc[kRowGroup][kLanes] = {};
     for (int64_t d = 0; d < dim; ++d) {
-      const T* c = codes_t + d * k_padded + j;
+      const T* c = codes_t + j * dim + d * kLanes;
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kRowGroup; ++r) {
         const T xv = rows_ptr[r * dim + d];
@@ -166,21 +188,23 @@ template <typename T>
 void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
                          bool cosine, int64_t* indices, T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  const int64_t k_padded = (k + kLanes - 1) / kLanes * kLanes;
-  // Transposed, lane-padded codebook and scores offsets: O(K * D), built once per call.
+  // padded to two panels: the AVX2 micro-kernel takes 16 codes a step
+  const int64_t k_padded = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  // Lane panels of the codebook and padded score offsets: O(K * D), built once per call.
   std::vector<T> codes_t(dim * k_padded, T(0));
   std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
   const T* codes_ptr = codes.data_ptr<T>();
   for (int64_t c = 0; c < k; ++c) {
-    for (int64_t d = 0; d < dim; ++d) codes_t[d * k_padded + c] = codes_ptr[c * dim + d];
+    T* panel = codes_t.data() + (c / kLanes) * kLanes * dim + c % kLanes;
+    for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d];
     a_padded[c] = a[c];
   }
   const T* x_ptr = x.data_ptr<T>();
   const int64_t blocks = (n + kDirectBlockRows - 1) / kDirectBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  dynamic_blocks(blocks, [&](const auto& next_block) {
     std::vector<T> padded_rows(kRowGroup * dim, T(0));
     Best<T> best[kRowGroup];
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; (block = next_block()) >= 0;) {
       const int64_t row_end = std::min(n, (block + 1) * kDirectBlockRows);
       for (int64_t row0 = block * kDirectBlockRows; row0 < row_end; row0 += kRowGroup) {
         const int64_t rows = std::min(kRowGroup, row_end - row0);
@@ -200,6 +224,63 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few rows (N <= kBlockRows, D on the GEMM path): parallel over codebook tiles instead of row
+// blocks (one row block would leave every other thread idle), and the per-code work (|c|^2
+// when not given, the duplicate key) done tile by tile just before the tile's GEMM reads the
+// same codes back from cache: one pass over the codebook instead of three. Per-tile minima are
+// merged in tile order, so earlier tiles (lower indices) win ties.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T* given_a,
+                           T m, bool cosine, uint64_t* keys, T* a_out, int64_t* indices,
+                           T* distances) {
+  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
+  const T* codes_ptr = codes.data_ptr<T>();
+  const int64_t tiles = (k + kFewRowsTileCodes - 1) / kFewRowsTileCodes;
+  std::vector<Best<T>> tile_best(tiles * n);
+  dynamic_blocks(tiles, [&](const auto& next_block) {
+    std::vector<T> scratch(n * std::min(k, kFewRowsTileCodes));
+    const auto options = x.options();
+    for (int64_t t; (t = next_block()) >= 0;) {
+      const int64_t code0 = t * kFewRowsTileCodes;
+      const int64_t count = std::min(kFewRowsTileCodes, k - code0);
+      for (int64_t c = code0; c < code0 + count; ++c) {
+        const T* row = codes_ptr + c * dim;
+        keys[c] = row_key(row, dim);
+        if (given_a != nullptr) {
+          a_out[c] = given_a[c];
+        } else if (cosine) {
+          a_out[c] = T(0);
+        } else {
+          // 8 independent partial sums: vectorised without reassociating (a serial sum is not)
+          T lane[kLanes] = {};
+          int64_t d = 0;
+          for (; d + kLanes <= dim; d += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * row[d + l];
+          T sum = 0;
+          for (; d < dim; ++d) sum += row[d] * row[d];
+          for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+          a_out[c] = sum;
+        }
+      }
+      at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
+      at::mm_out(out, x, codes.narrow(0, code0, count).t());
+      for (int64_t r = 0; r < n; ++r)
+        scan_scores<T>(scratch.data() + r * count, a_out + code0, m, count, code0, tile_best[t * n + r]);
+    }
+  });
+  for (int64_t r = 0; r < n; ++r) {
+    Best<T> merged;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const Best<T>& b = tile_best[t * n + r];
+      if (b.value < merged.value) merged = b;  // strict: the earlier tile keeps a tie
+    }
+    finish_row<T>(x.data_ptr<T>() + r * dim, codes_ptr, a_out, m, dim, cosine, merged,
+                  indices + r, distances + r);
+  }
 }
 
 }  // namespace LGVQ_ISA

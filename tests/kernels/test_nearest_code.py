@@ -229,6 +229,64 @@ def test_cosine_zero_rows(backend):
     torch.testing.assert_close(result.distances, torch.ones(2))
 
 
+def test_reference_blocks_keep_ties_and_non_finite_rules(monkeypatch):
+    # Tiny blocks (3 rows x 4 codes) so that rows and codes both span several blocks: a tie
+    # across code blocks goes to the earlier block, a row non-finite in its first block takes
+    # a finite code of a later one, a NaN in a later block is never chosen.
+    monkeypatch.setattr(reference, "CHUNK_SCORES", 12)
+    monkeypatch.setattr(reference, "MIN_BLOCK_ROWS", 3)
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    codebook[9] = codebook[2]  # duplicate in a later block
+    codebook[1, 0] = float("nan")  # first block: code 1 scores NaN for every row
+    codebook[10, 3] = float("nan")  # last block too
+    codebook[0] = codebook[3] = float("inf")  # two more non-finite codes of the first block
+    x = codebook[[2, 9, 5, 7, 8, 2, 6]] + 1e-3 * torch.randn(7, 6, generator=g,
+                                                            dtype=torch.float64)
+    x[1] = codebook[9]
+    assert reference._block_sizes(7, 11) == (3, 4)
+    indices, distances = reference.nearest_code(x, codebook, None, "l2", "ieee")
+    finite = torch.isfinite(codebook).all(1)
+    oracle = reference.nearest_code_oracle(x, codebook)
+    oracle[:, ~finite] = torch.inf
+    expected = oracle.argmin(1)
+    expected[expected == 9] = 2  # the duplicate: the lowest index
+    assert indices.tolist() == expected.tolist() and indices[1] == 2
+    torch.testing.assert_close(distances, oracle.gather(1, expected[:, None]).squeeze(1))
+
+
+def test_native_few_rows_ties_across_code_tiles():
+    # N <= 256 rows and D > 64 take the few-rows path (parallel over 256-code tiles); copies of
+    # one code in three tiles: the lowest index wins, whatever tile finishes first.
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(700, 80, generator=g)
+    codebook[650] = codebook[300] = codebook[10]
+    x = torch.cat([codebook[[10, 300, 650]], torch.randn(4, 80, generator=g)])
+    result = lgvq_kernels.nearest_code(x, codebook, backend="native")
+    assert result.indices[:3].tolist() == [10, 10, 10]
+    assert_matches_oracle(x, codebook, "l2", result.indices, result.distances)
+    given = lgvq_kernels.nearest_code(x, codebook, backend="native",
+                                      codebook_sqnorm=(codebook * codebook).sum(1))
+    assert torch.equal(given.indices, result.indices)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+@pytest.mark.parametrize("d", [8, 40, 130])
+def test_cosine_rows_of_any_norm(backend, d):
+    # The op gets x as it is (no normalised copy) and divides by |x| itself: tiny, huge and
+    # unit rows give the distances of their directions.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, d, generator=g)
+    codebook = torch.randn(33, d, generator=g)
+    scaled = x * torch.logspace(-10, 15, 40)[:, None]  # |x| above the 1e-12 clamp, |x|^2 finite
+    result = lgvq_kernels.nearest_code(scaled, codebook, metric="cosine", backend=backend)
+    unit = lgvq_kernels.nearest_code(torch.nn.functional.normalize(x, dim=-1), codebook,
+                                     metric="cosine", backend=backend)
+    assert torch.equal(result.indices, unit.indices)
+    torch.testing.assert_close(result.distances, unit.distances, atol=1e-6, rtol=0)
+    assert_matches_oracle(scaled, codebook, "cosine", result.indices, result.distances)
+
+
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
 def test_native_agrees_with_reference_on_large_random_problem(backend):
     # Exercises the multi-tile paths (K > one GEMM tile, N > one row block) of the native kernel.
@@ -448,11 +506,21 @@ def clear_rows(x, codebook, metric, gap=1e-3):
     return (top2[:, 1] - top2[:, 0] > gap) & torch.isfinite(top2[:, 0])
 
 
+def launcher_reference(x, codebook, codebook_sqnorm, metric):
+    """The reference backend's answer in the launcher's terms: the launcher takes the unit x
+    rows the public op hands it as they are (cosine distance 1 - x.c); the reference, like the
+    op, divides the similarity by |x|, which rounding unit rows to fp16/bf16 moves off 1."""
+    indices, distances = reference.nearest_code(x, codebook, codebook_sqnorm, metric, "ieee")
+    if metric == "cosine" and x.shape[0]:
+        norms = torch.linalg.vector_norm(x.to(distances.dtype), dim=1).clamp_min(1e-12)
+        distances = 1.0 - (1.0 - distances) * norms
+    return indices, distances
+
+
 def check_against_reference(x, codebook, codebook_sqnorm, indices, distances, metric):
     """Same indices as the reference backend where the exact top-2 gap of the very scores both
     compute (no renormalisation, the given sqnorm) is clear; close distances."""
-    ref_indices, ref_distances = reference.nearest_code(x, codebook, codebook_sqnorm, metric,
-                                                        "ieee")
+    ref_indices, ref_distances = launcher_reference(x, codebook, codebook_sqnorm, metric)
     if x.shape[0] == 0:
         assert indices.numel() == 0 and distances.numel() == 0
         return
@@ -602,7 +670,7 @@ def test_triton_non_finite(request, blocks, dtype, metric):
     codebook[0, 1] = float("nan")  # never chosen while a row has a finite score
     codebook[20, 0] = float("inf")
     indices, distances = forward(x, codebook, None, metric, "ieee")
-    ref_indices, ref_distances = reference.nearest_code(x, codebook, None, metric, "ieee")
+    ref_indices, ref_distances = launcher_reference(x, codebook, None, metric)
     assert bool(((indices >= 0) & (indices < 37)).all())
     assert int(indices[3]) == 0 and int(indices[4]) == 0
     assert bool(distances[3].isnan()) and bool(distances[4].isnan())
