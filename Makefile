@@ -6,7 +6,7 @@
 #   LGVQ_BUILD_EXT=0             skip the native extension (reference/Triton backends only)
 #   PYTEST_ARGS=...              extra pytest arguments
 #   DEMO_ARGS=...                extra demo arguments, e.g. DEMO_ARGS="--steps=100 --workers=1"
-#   DOWNSTREAM_ARGS=...          extra downstream-demo arguments, e.g. --budget_minutes=10
+#   DOWNSTREAM_ARGS=...          extra downstream-demo arguments, e.g. --steps=200
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv

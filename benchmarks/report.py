@@ -239,13 +239,7 @@ def plot(family: harness.OpFamily, rows: list[harness.Row], path: str, title: st
         axis.set_title(f"{family.name} — {dtype}", fontsize=10)
         axis.grid(axis="y", which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=2)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=110)
-    finally:
-        plt.close(figure)
+    _save_figure(plt, figure, title, path)
     return None
 
 
@@ -314,13 +308,7 @@ def speedup_plot(family: harness.OpFamily, rows: list[harness.Row], path: str,
                        fontsize=10)
         axis.grid(which="both", alpha=0.3)
         axis.legend(fontsize=6, ncol=2)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=110)
-    finally:
-        plt.close(figure)
+    _save_figure(plt, figure, title, path)
     return None
 
 
@@ -460,5 +448,17 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+def _save_figure(plt, figure, title: str, path: str) -> None:
+    """Title, lay out and write ``figure`` as a PNG atomically, then close it."""
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -122,7 +122,9 @@ def test_training_masks_only_attribute_words_and_the_head_covers_the_captions(mi
 
 
 def test_a_narrower_decoder_reads_context_and_tokens_through_linear_maps(minilm):
-    official = build_model(build_config("shapes", {"train_images": "32"}), minilm)
+    assert all(build_config(preset).decoder_width == 0 for preset in ("cub", "celeba", "coco"))
+    official = build_model(build_config("shapes", {"train_images": "32", "decoder_width": "0",
+                                                   "decoder_heads": "1"}), minilm)
     assert isinstance(official.decoder_input, torch.nn.Identity)  # the paper's width C
     assert official.text_decoder.layers[0].mlp[0].in_features == minilm.width
 

@@ -2,7 +2,7 @@
 task trained on the baseline's and on LG-VQ's codes with the same seed and budget, side by
 side, with the chance level of each understanding task beside it (the paper's Tables 8, 9, 11).
 
-  python -m lgvq.downstream.demo [--seeds=0,1,2] [--budget_minutes=20] [--steps=N]
+  python -m lgvq.downstream.demo [--seeds=0,1,2] [--steps=500 | --budget_minutes=M]
       [--tokenizers=runs/demo] [--out_dir=runs/downstream] [--workers=2]
       [--threads_per_worker=1] [--tasks=generate,t2i,semantic,caption,vqa,ground]
       [--key=value ...]
@@ -13,10 +13,12 @@ missing ones are trained first with ``lgvq.demo`` (its own budget, not counted h
 model (taming's setting: one causal model generates and completes), so ``generate`` trains once
 per codebook and seed and is evaluated twice.
 
-Budget: without --steps, one step of each task's model is timed on the first tokenizer's codes
-and the step count is set so that training fills 70% of --budget_minutes across the workers
-(the rest: encoding, text features, evaluation, process start-up); the report gives the
-measured wall time.
+Budget: every task trains DEFAULT_STEPS (500) steps unless --steps says otherwise, so the same
+seeds give the same figures on any machine; on 2 idle cores the whole demo then takes about 20
+minutes. With --budget_minutes (and no --steps) one step of each task's model is timed on the
+first tokenizer's codes instead, and the step count is set so that training fills 70% of the
+budget across the workers (figures then depend on the machine's speed and load); the report
+gives the measured wall time.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ METRICS = [
     ("ground", "chance_accuracy_iou_0.5", "  chance: the mean training box, Acc@IoU>0.5", None),
 ]
 ALL_TASKS = ("generate", "t2i", "semantic", "caption", "vqa", "ground")
+# steps per task run without --steps: fixed, so that a seed's figures do not depend on the
+# machine's load; at 887 steps the six tasks took 8.2 min per codebook and seed on 2 idle cores
+# (2 workers x 1 thread), so 500 keeps the 36 runs and their evaluation within 20 minutes
+DEFAULT_STEPS = 500
 _WORKER = {}
 
 
@@ -186,12 +192,14 @@ def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
 
 def run_downstream_demo(seeds: list[int], tokenizers: Path, out_dir: Path, overrides: dict, *,
                         tasks: list[str], workers: int = 2, threads: int = 1,
-                        budget_minutes: float = 20.0) -> dict:
+                        budget_minutes: float | None = None) -> dict:
     started = time.perf_counter()
     ensure_tokenizers(tokenizers, seeds, workers, threads)
     overrides = {"cache_dir": str(out_dir / "cache"), **overrides}
     paths = [tokenizer_path(tokenizers, prefix, seed) for seed in seeds for _, prefix in CODEBOOKS]
     prepare_caches(paths, tasks, overrides)
+    if "steps" not in overrides and budget_minutes is None:
+        overrides["steps"] = DEFAULT_STEPS
     if "steps" not in overrides:
         timings = seconds_per_step(tasks, paths[0], overrides)
         runs_per_worker = len(paths) / max(workers, 1)
@@ -288,7 +296,9 @@ def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) ->
         "image's questions are trained on). The chance rows read no image: the most frequent "
         "training caption, the majority answer (overall and per question kind), the mean "
         "training box.",
-        f"wall time: {minutes:.1f} min (budget {budget_minutes} min, tokenizers not counted)",
+        f"wall time: {minutes:.1f} min ("
+        + (f"budget {budget_minutes} min, " if budget_minutes is not None else "")
+        + "tokenizers not counted)",
     ]
     fids = [r for v in scores.values() for r in v.get("generate", [])]
     if fids and fids[0].get("fid") is None:
@@ -323,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(overrides.pop("out_dir", "runs/downstream"))
         workers = int(overrides.pop("workers", "2"))
         threads = int(overrides.pop("threads_per_worker", "1"))
-        budget = float(overrides.pop("budget_minutes", "20"))
+        budget = overrides.pop("budget_minutes", None)
+        budget = None if budget is None else float(budget)
         run_downstream_demo(seeds, tokenizers, out_dir, overrides, tasks=tasks, workers=workers,
                             threads=threads, budget_minutes=budget)
     except (ValueError, FileNotFoundError) as error:

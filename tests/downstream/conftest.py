@@ -3,6 +3,7 @@
 import pytest
 
 from lgvq.config import build_config
+from lgvq.downstream import load_tokenizer
 from lgvq.text import load_text_encoder
 from lgvq.training import train
 
@@ -21,3 +22,10 @@ def tiny_tokenizer(tmp_path_factory, text_encoder):
     out_dir = tmp_path_factory.mktemp("tokenizer")
     config = build_config("shapes-tiny", {**TINY_TOKENIZER, "out_dir": str(out_dir)})
     return train(config, text_encoder=text_encoder, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_tokenizer, text_encoder):
+    """The tiny checkpoint loaded as a frozen tokenizer."""
+    return load_tokenizer(tiny_tokenizer, text_encoder=text_encoder)
+

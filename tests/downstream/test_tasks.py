@@ -10,24 +10,17 @@ from safetensors.torch import load_file
 from lgvq.data import COLOUR_NAMES, SHAPE_NAMES
 from lgvq.data.shapes.dataset import item_generator
 from lgvq.data.shapes.scenes import sample_scene
-from lgvq.downstream import load_tokenizer
 from lgvq.downstream.evaluation import evaluate_task
 from lgvq.downstream.tasks import DownstreamConfig, scene_label_grid, train_task
+from tests.downstream.configs import task_config
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "batch_size": 4, "train_images": 16,
         "eval_images": 8, "samples": 4, "maskgit_steps": 2, "log_every": 1,
         "checkpoint_every": 2, "warmup_steps": 0, "device": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer, text_encoder):
-    return load_tokenizer(tiny_tokenizer, text_encoder=text_encoder)
-
-
 def _config(tmp_path, task, **overrides):
-    values = {**TINY, "task": task, "steps": 2, "out_dir": str(tmp_path / task),
-              "cache_dir": str(tmp_path / "cache"), **overrides}
-    return DownstreamConfig.from_dict(values)
+    return task_config(TINY, tmp_path, task, **overrides)
 
 
 @pytest.mark.parametrize("task", ["generate", "complete", "t2i", "semantic"])

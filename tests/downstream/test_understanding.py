@@ -20,7 +20,6 @@ from lgvq.data.shapes.dataset import item_generator
 from lgvq.data.shapes.rendering import object_masks
 from lgvq.data.shapes.scenes import sample_scene
 from lgvq.data.shapes.vocabulary import REGION_PHRASES, SIZE_NAMES
-from lgvq.downstream import load_tokenizer
 from lgvq.downstream.cli import main
 from lgvq.downstream.evaluation import evaluate_task
 from lgvq.downstream.tasks import DownstreamConfig, load_task_model, task_data, train_task
@@ -37,21 +36,15 @@ from lgvq.downstream.understanding import (
     scene_questions,
     scene_referring,
 )
+from tests.downstream.configs import task_config
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "batch_size": 8, "train_images": 16,
         "eval_images": 8, "log_every": 1, "checkpoint_every": 1000, "warmup_steps": 0,
         "device": "cpu", "text_length": 24, "beam_size": 2, "meteor": False}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer, text_encoder):
-    return load_tokenizer(tiny_tokenizer, text_encoder=text_encoder)
-
-
 def _config(tmp_path, task, **overrides):
-    values = {**TINY, "task": task, "steps": 2, "out_dir": str(tmp_path / task),
-              "cache_dir": str(tmp_path / "cache"), **overrides}
-    return DownstreamConfig.from_dict(values)
+    return task_config(TINY, tmp_path, task, **overrides)
 
 
 def _matches(description: str, item) -> bool:
