@@ -36,6 +36,16 @@ class Parallel:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def follows(self, done: int, checkpoint_every: int, steps: int) -> bool:
+        """True on a rank other than the main one, after it has waited at the barrier of a
+        checkpoint step (nobody moves on before the main rank has written it): the caller then
+        skips logging and checkpointing."""
+        if self.main:
+            return False
+        if done % checkpoint_every == 0 or done == steps:
+            self.barrier()
+        return True
+
     def average_gradients(self, parameters) -> None:
         """Average the gradients of ``parameters`` over ranks with one flat all-reduce (a
         parameter without a gradient on this rank contributes zeros, so every rank sends the

@@ -373,9 +373,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
             optimizers["discriminator"].step()
 
         done = step + 1
-        if not parallel.main:
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                parallel.barrier()  # nobody moves on before the checkpoint is written
+        if parallel.follows(done, config.checkpoint_every, config.steps):
             continue
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()

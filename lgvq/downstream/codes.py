@@ -187,14 +187,9 @@ def encode_split(tokenizer: FrozenTokenizer, split: str, images: int, cache_dir:
     atomically (``cache_dir`` empty or None: no cache)."""
     if not isinstance(images, int) or images < 0:
         raise ValueError(f"images must be a non-negative int, got {images!r}")
-    key = data_key(tokenizer, split, images)
-    key_text = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(key_text.encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"codes-{split}-{digest}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        cached = _read_cache(path, key_text)
-        if cached is not None:
-            return cached
+    path, key_text, cached = _look_up(data_key(tokenizer, split, images), cache_dir, split)
+    if cached is not None:
+        return cached
     dataset = split_dataset(tokenizer, split, images)
     result = _encode_items(tokenizer, dataset, key_text, batch_size)
     scenes = result.attributes
@@ -241,13 +236,9 @@ def encode_image_files(tokenizer: FrozenTokenizer, paths: list[str], cache_dir: 
         stamps.append([str(Path(name).resolve()), stat.st_size, stat.st_mtime_ns])
     key = {"format": CACHE_FORMAT, "checkpoint": tokenizer.digest, "files": stamps,
            "image_size": tokenizer.config.image_size}
-    key_text = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(key_text.encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"codes-files-{digest}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        cached = _read_cache(path, key_text)
-        if cached is not None:
-            return cached.codes
+    path, key_text, cached = _look_up(key, cache_dir, "files")
+    if cached is not None:
+        return cached.codes
     entries = [CaptionedImageEntry(Path(name), ("",)) for name in paths]
     dataset = CaptionedImageFolderDataset(entries, tokenizer.config.image_size, f"--{what}")
     result = _encode_items(tokenizer, dataset, key_text, batch_size)
@@ -255,6 +246,17 @@ def encode_image_files(tokenizer: FrozenTokenizer, paths: list[str], cache_dir: 
     if path is not None:
         _write_cache(path, result)
     return result.codes
+
+
+def _look_up(key: dict, cache_dir, name: str) -> tuple[Path | None, str, CodeSplit | None]:
+    """(cache file, key text, the cached codes or None) for ``key``: the file is named by a hash
+    of the key and read only when it was written under the same key (``cache_dir`` empty: no
+    cache)."""
+    key_text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"codes-{name}-{digest}.safetensors" if cache_dir else None
+    cached = _read_cache(path, key_text) if path is not None and path.is_file() else None
+    return path, key_text, cached
 
 
 def _write_cache(path: Path, split: CodeSplit) -> None:

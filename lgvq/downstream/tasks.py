@@ -416,9 +416,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
             group["lr"] = _learning_rate(config, step)
         optimizer.step()
         done = step + 1
-        if not parallel.main:
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                parallel.barrier()  # nobody moves on before the checkpoint is written
+        if parallel.follows(done, config.checkpoint_every, config.steps):
             continue
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
