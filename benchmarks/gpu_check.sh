@@ -136,8 +136,17 @@ tests_cuda() {
   "$PY" -m pytest tests -m cuda -q -p no:cacheprovider
 }
 
+# The Triton tests compile into a cache of their own, so that the number of kernel
+# specialisations they build is counted (one cubin each) and no cached build is reused.
 tests_triton() {
-  env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels -m triton -q -p no:cacheprovider
+  local cache="$LOGS/triton_cache" rc
+  rm -rf "$cache" && mkdir -p "$cache"
+  TRITON_CACHE_DIR=$cache env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels -m triton -q \
+    -p no:cacheprovider
+  rc=$?
+  echo "Triton kernel specialisations compiled by these tests: $(find "$cache" -name '*.cubin' | wc -l)"
+  rm -rf "$cache"  # not packed: the count is what comes back
+  return $rc
 }
 
 # Benchmarks: shapes that finish in seconds on an H100/H200; tf32 and bf16 are the headline

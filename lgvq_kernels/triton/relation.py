@@ -210,20 +210,24 @@ def _check(words: torch.Tensor, visual: torch.Tensor, codes: torch.Tensor) -> No
 
 # Tiles per BLOCK_L (the padded words per sample) on a GPU: (BLOCK_M, BLOCK_C, num_warps).
 # Measured with the ahead-of-time compile (python -m lgvq_kernels.triton._aot --only relation,
-# Triton 3.9, C = 256, fp32; fp32 ieee dots are FMA dots, register-heavy); registers / spilled
-# (stack) bytes of the forward, the backward, on sm_90 then sm_80:
-#   16:  (64, 16, 8)   95/0, 76/0;     80/0, 64/0         shared 15 KiB
-#   32:  (64, 32, 8)   192/0, 148/0;   190/0, 128/0       shared 36 KiB
+# C = 256, fp32; fp32 ieee dots are FMA dots, register-heavy) under Triton 3.9 (our venv) and
+# 3.6 (the GPU image's): registers / spilled (stack) bytes of the forward, the backward, on
+# sm_90 then sm_80, Triton 3.9 (3.6 where it differs):
+#   16:  (32, 16, 4)   96/0, 98/0;     118/0, 96/0        shared 9 KiB (3.6: 120, 96; 122, 94)
+#   32:  (32, 16, 8)   88/0, 128/0;    98/0, 118/0        shared 12 KiB (3.6: 96, 128; 98, 128)
 #   64:  (16, 16, 8)   154/0, 255/8;   128/24, 255/0      shared 24 KiB (the least spilling of
 #                      the tiles tried; 16 warps spill ~200 bytes in the backward)
 #   128: (16, 16, 16)  128/392, 128/1088; 128/248, 128/904 shared 48 / 80 KiB: the three
 #                      [128, 128] fp32 Gram tiles do not fit in registers whatever the tiles
 #                      (8 warps spill 584 / 2640 bytes on sm_90); correct, slower.
+# The L16 and L32 tiles are the only ones tried without a spill under both Triton versions on
+# both architectures: (64, 16, 8) and (64, 32, 8), chosen under 3.9, spill 8-48 bytes under 3.6;
+# (32, 32, 4) spills 8-32 bytes under 3.9 on sm_90.
 # 256 is not shipped: its backward's dot reads the [256, 256] fp32 difference through 288 KiB
 # of shared memory (227 KiB on H100/H200, 163 KiB on A100): OutOfResources. Longer captions
 # go to the native kernel (backend="auto" knows the limit: _backends.TRITON_RELATION_MAX_WORDS).
 # Not yet timed on a GPU.
-_GPU_TILES = {16: (64, 16, 8), 32: (64, 32, 8), 64: (16, 16, 8), 128: (16, 16, 16)}
+_GPU_TILES = {16: (32, 16, 4), 32: (32, 16, 8), 64: (16, 16, 8), 128: (16, 16, 16)}
 GPU_BLOCK_LS = tuple(_GPU_TILES)
 
 
