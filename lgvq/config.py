@@ -59,6 +59,10 @@ class TrainConfig:
     visual_width: int = 0  # width of the visual-token encoder (0 = code_dim, as in the paper)
     decoder_width: int = 0  # width of the masked text decoder (0 = the text width, the paper's)
     decoder_heads: int = 1  # attention heads of the masked text decoder (1 in the paper's code)
+    decoder_dropout: float = 0.1  # dropout in the masked text decoder (0.1 in the paper's code)
+    decoder_layers: int = 2  # layers of the masked text decoder (2 in the paper's code)
+    captions_per_image: int = 1  # captions drawn per image per step (1 in the paper): the
+    # masked-word head trains on all of them, global and relation alignment on the first
     temperature: float = 1.0  # InfoNCE temperature of global semantic alignment (1 in the paper)
     # --- optimisation -----------------------------------------------------------------------
     steps: int = 400  # optimisation steps

@@ -285,7 +285,11 @@ def _write_report(out_dir: Path, base, seeds, scores, folders, minutes, workers,
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(argument in ("-h", "--help") for argument in argv):
+        print(__doc__.strip())
+        return 0
+    overrides = parse_overrides(argv)
     seeds = [int(s) for s in overrides.pop("seeds", "0,1,2").split(",") if s.strip()]
     out_dir = Path(overrides.pop("out_dir", "runs/demo"))
     workers = int(overrides.pop("workers", "2"))
