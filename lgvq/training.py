@@ -438,11 +438,12 @@ RESUME_SAFE_KEYS = ("steps", "log_every", "checkpoint_every", "sample_every", "t
 
 def check_resumable(stored: dict, config: TrainConfig) -> None:
     """ValueError naming the first option that differs between the checkpoint's ``stored``
-    config and ``config`` other than ``RESUME_SAFE_KEYS``."""
+    config and ``config`` other than ``RESUME_SAFE_KEYS``. An option the checkpoint does not
+    store (it predates the option) had its default value, whose behaviour it keeps."""
     current = config.to_dict()
     saved = TrainConfig.from_dict({k: v for k, v in stored.items() if k in current}).to_dict()
     for key, value in current.items():
-        if key not in RESUME_SAFE_KEYS and key in stored and saved[key] != value:
+        if key not in RESUME_SAFE_KEYS and saved[key] != value:
             raise ValueError(f"--{key}={_flag_value(value)} differs from the run being resumed "
                              f"(--{key}={_flag_value(saved[key])}); with --resume only "
                              f"{', '.join('--' + k for k in RESUME_SAFE_KEYS[:5])} may change")
