@@ -187,8 +187,10 @@ def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
     config = DownstreamConfig.from_dict(config_values)
     folder = Path(config.out_dir)
     done_path = folder / "scores.json"
-    tokenizer = _WORKER.get(config.tokenizer) or load_tokenizer(config.tokenizer)
-    _WORKER[config.tokenizer] = tokenizer
+    stat = os.stat(config.tokenizer)  # a file rewritten since (a retrained tokenizer) reloads
+    key = (config.tokenizer, stat.st_mtime_ns, stat.st_size)
+    tokenizer = _WORKER.get(key) or load_tokenizer(config.tokenizer)
+    _WORKER[key] = tokenizer
     if done_path.is_file():
         done = json.loads(done_path.read_text())
         if done.get("config") == config.to_dict() \
@@ -331,8 +333,9 @@ def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) ->
     images = [str(out_dir / "training_curves.png")]
     for _, prefix in CODEBOOKS:
         folder = out_dir / f"{prefix}_seed{seeds[0]}"
-        images += [str(p) for p in sorted(folder.glob("*/samples.png"))
-                   + sorted(folder.glob("*/complete/samples.png"))]
+        found = sorted(folder.glob("*/samples.png")) + sorted(folder.glob("*/complete/samples.png"))
+        # not the runs set aside (task.previous-N) when a tokenizer was retrained
+        images += [str(p) for p in found if ".previous-" not in p.relative_to(folder).parts[0]]
     atomic_write(out_dir / "scores.json", json.dumps(scores, indent=2))
     return write_markdown_report(out_dir / "report.md",
                                  "Downstream tasks on baseline vs LG-VQ codes", rows,
