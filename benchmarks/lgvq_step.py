@@ -4,8 +4,9 @@ Shape dict: {"model": "shapes" | "paper", "B": images per step}.
   shapes  the demo's tokenizer: 32x32 images, 8x8 tokens, K=256, D=32 (lgvq.config "shapes")
   paper   the paper's VQGAN: 256x256 images, f=16 (16x16 tokens), 128 base channels, K=1024,
           D=256 (lgvq.config "cub" without the discriminator, which starts at step 10,000)
-Inputs: captioned-shapes images resized to the model's size and one caption each, encoded once
-by the frozen MiniLM outside the timing (training reads cached features the same way).
+Inputs: captioned-shapes images resized to the model's size and the preset's captions per image
+(``captions_per_image``), encoded once by the frozen MiniLM outside the timing (training reads
+cached features the same way).
 
 Providers (each times forward + backward + Adam step of everything it trains):
   vq             the backbone alone: encoder, quantizer, decoder; its pixel loss + VQ loss
@@ -60,7 +61,7 @@ def _text_encoder():
 
 def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool, **changes):
     from lgvq.config import build_config
-    from lgvq.data import build_dataset
+    from lgvq.data import build_dataset, draw_captions_per_image
     from lgvq.training import build_backbone, build_model, mask_words, masked_context
 
     preset, overrides = MODELS[shape["model"]]
@@ -74,7 +75,9 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool, **cha
     data = build_dataset("shapes", split="train", image_size=config.image_size,
                          size=shape["B"])
     images = torch.stack([data[i]["image"] for i in range(shape["B"])]).to(device)
-    text = text_encoder.encode([data[i]["captions"][0] for i in range(shape["B"])]).to(device)
+    captions = draw_captions_per_image([data[i]["captions"] for i in range(shape["B"])],
+                                       config.captions_per_image, torch.Generator().manual_seed(0))
+    text = text_encoder.encode(captions).to(device)
     masked_ids, masked = mask_words(text_encoder, text, config, 0)
     masked = masked.to(device)
     trained = model.parameters() if heads else model.tokenizer.parameters()

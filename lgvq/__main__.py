@@ -3,6 +3,8 @@
   lgvq train [--preset=shapes] [--key=value ...]     train LG-VQ (or --language_guidance=false)
   lgvq train --out_dir=runs/x --resume               continue runs/x with its own config
   lgvq eval CHECKPOINT [--out=report.md] [--images=N] evaluate a checkpoint into a report
+  lgvq probe CHECKPOINT [--key=value ...]            train fresh language heads on a frozen
+                                                     tokenizer's codes and score them (--help)
   lgvq presets                                       what each preset sets
   lgvq train --help / lgvq eval --help               every option: type, default, meaning
   lgvq downstream TASK --tokenizer=CKPT              generation on a tokenizer's codes (--help)
@@ -257,6 +259,27 @@ def _eval(arguments: list[str]) -> int:
     return 0
 
 
+def _probe(arguments: list[str]) -> int:
+    from lgvq.evaluation import probe
+
+    if _wants_help(arguments):
+        print("usage: lgvq probe CHECKPOINT [--out=FILE.json] [--key=value ...]\n")
+        print(probe.__doc__.strip())
+        print("\nkeys: " + ", ".join(probe.PROBE_KEYS))
+        return 0
+    if not arguments or arguments[0].startswith("--"):
+        print("lgvq probe: give the checkpoint path first\n" + USAGE, file=sys.stderr)
+        return 2
+    overrides = parse_overrides(arguments[1:])
+    out = overrides.pop("out", "") or str(Path(arguments[0]).with_name("probe.json"))
+    scores = probe.probe_heads(arguments[0], overrides, out=out, progress=True)
+    keys = ["recall_at_1_one_word", "recall_at_1_one_word_shuffled_images",
+            "recall_gap_one_word", "retrieval_8way_top1"]
+    print("\n".join(f"{key}: {scores[key]:.4f}" for key in keys if key in scores))
+    print(f"lgvq: probe scores written to {out}")
+    return 0
+
+
 def _presets() -> int:
     base = TrainConfig().to_dict()
     print(f"A bare `lgvq train` runs --preset={DEFAULT_PRESET}. Each preset sets, over the "
@@ -296,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(rest)
         if verb == "presets":
             return _presets()
+        if verb == "probe":
+            return _probe(rest)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"lgvq {verb}: error: {error}", file=sys.stderr)
         return 2

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from lgvq.checkpoint import load_checkpoint
+from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import build_config, parse_overrides
 from lgvq.evaluation.evaluate import evaluate_model
 from lgvq.evaluation.report import mean_and_std, write_markdown_report
 from lgvq.files import atomic_path, atomic_write
 from lgvq.data import dataset_captions
 from lgvq.text import TextFeatureCache, load_text_encoder
-from lgvq.training import CHECKPOINT_NAME, build_dataset, build_model, train
+from lgvq.training import CHECKPOINT_NAME, build_dataset, build_model, check_resumable, train
 
 METRICS = [  # (key, label, higher is better; None: a control, not a goal)
     ("psnr_db", "PSNR (dB)", True),
@@ -114,6 +114,7 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
         _WORKER_TEXT_ENCODER = load_text_encoder(config.text_encoder,
                                                  max_length=config.max_text_length)
     text_encoder = _WORKER_TEXT_ENCODER
+    _set_aside_other_config(folder, config, name)
     config.resume = (folder / CHECKPOINT_NAME).exists()  # an interrupted run is continued
     started = time.perf_counter()
     checkpoint = train(config, text_encoder=text_encoder, progress=False,
@@ -130,6 +131,26 @@ def _train_and_evaluate(name: str, overrides: dict, threads: int) -> dict:
     print(f"[demo] {name} done in {train_seconds / 60:.1f} min: " + ", ".join(
         f"{k}={scores[k]:.4g}" for k, _, _ in METRICS if k in scores), flush=True)
     return scores
+
+
+def _set_aside_other_config(folder: Path, config, name: str) -> None:
+    """A run in ``folder`` trained with another config (a changed preset, other overrides) is
+    neither continued nor overwritten: it moves to ``folder.previous-N`` and this one starts."""
+    checkpoint = folder / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return
+    try:
+        check_resumable(read_checkpoint_metadata(checkpoint)["config"], config)
+        return
+    except ValueError as difference:
+        number = 1
+        while folder.with_name(f"{folder.name}.previous-{number}").exists():
+            number += 1
+        target = folder.with_name(f"{folder.name}.previous-{number}")
+        folder.rename(target)
+        print(f"[demo] {name}: {folder} holds a run of another config "
+              f"({str(difference).split(';')[0]}); "
+              f"moved to {target}, training anew", flush=True)
 
 
 def dataset_label(config) -> str:
@@ -285,7 +306,11 @@ def _write_report(out_dir: Path, base, seeds, scores, folders, minutes, workers,
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(argument in ("-h", "--help") for argument in argv):
+        print(__doc__.strip())
+        return 0
+    overrides = parse_overrides(argv)
     seeds = [int(s) for s in overrides.pop("seeds", "0,1,2").split(",") if s.strip()]
     out_dir = Path(overrides.pop("out_dir", "runs/demo"))
     workers = int(overrides.pop("workers", "2"))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lgvq.alignment import draw_mask_ratio
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from lgvq.config import TrainConfig
-from lgvq.data import ALL_ATTRIBUTE_WORDS, dataset_captions, draw_one_caption_per_image
+from lgvq.data import ALL_ATTRIBUTE_WORDS, dataset_captions, draw_captions_per_image
 from lgvq.data import build_dataset as build_named_dataset
 from lgvq.data_parallel import init_parallel
 from lgvq_kernels import resolve_device
@@ -151,8 +151,17 @@ def _check_head_sizes(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"--{name} must be an int >= 0 (0: the paper's width), got {value!r}")
+    if not isinstance(config.decoder_layers, int) or config.decoder_layers < 1:
+        raise ValueError(f"--decoder_layers must be an int >= 1, got {config.decoder_layers!r}")
     if not isinstance(config.decoder_heads, int) or config.decoder_heads < 1:
         raise ValueError(f"--decoder_heads must be an int >= 1, got {config.decoder_heads!r}")
+    dropout = config.decoder_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--decoder_dropout must be a number in [0, 1), got {dropout!r}")
+    value = config.captions_per_image
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--captions_per_image must be an int >= 1, got {value!r}")
     if config.decoder_width and config.decoder_width % config.decoder_heads:
         raise ValueError(f"--decoder_width ({config.decoder_width}) must be divisible by "
                          f"--decoder_heads ({config.decoder_heads})")
@@ -174,7 +183,8 @@ def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None =
                 token_embedding=text_encoder.token_embedding, weights=weights,
                 language_guidance=config.language_guidance, backend=config.backend,
                 visual_width=config.visual_width, decoder_width=config.decoder_width,
-                decoder_heads=config.decoder_heads,
+                decoder_heads=config.decoder_heads, decoder_dropout=config.decoder_dropout,
+                decoder_layers=config.decoder_layers,
                 vocabulary=word_vocabulary(config, text_encoder, captions))
 
 
@@ -186,17 +196,23 @@ def build_model(config: TrainConfig, text_encoder, tokenizer: nn.Module | None =
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
-    captions: list[str]  # one drawn caption per image
+    captions: list[str]  # config.captions_per_image drawn captions per image, image-major
 
 
 def load_batch(dataset, config: TrainConfig, step: int) -> Batch:
     indices = batch_indices(config.seed, step, config.batch_size, len(dataset))
     items = [dataset[int(i)] for i in indices]
     images = torch.stack([item["image"] for item in items])
-    captions = draw_one_caption_per_image([item["captions"] for item in items],
-                                          generator=step_generator(config.seed, step,
-                                                                   RandomStream.CAPTION_DRAW))
+    captions = draw_captions_per_image([item["captions"] for item in items],
+                                       config.captions_per_image,
+                                       generator=step_generator(config.seed, step,
+                                                                RandomStream.CAPTION_DRAW))
     return Batch(images, captions)
+
+
+def caption_rows_of(image_rows: torch.Tensor, per_image: int) -> torch.Tensor:
+    """The caption rows (image-major, ``per_image`` per image) of the images ``image_rows``."""
+    return (image_rows[:, None] * per_image + torch.arange(per_image)).flatten()
 
 
 def maskable_words(config: TrainConfig, text_encoder, text) -> torch.Tensor:
@@ -344,8 +360,10 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
         text = text_cache.encode(batch.captions)
         masked_ids, masked = mask_words(text_encoder, text, config, step)
         images = batch.images[rows].to(device)
-        text = text.index_select(torch.arange(config.batch_size)[rows]).to(device)
-        masked_ids, masked = masked_ids[rows], masked[rows].to(device)
+        caption_rows = caption_rows_of(torch.arange(config.batch_size)[rows],
+                                       config.captions_per_image)
+        text = text.index_select(caption_rows).to(device)
+        masked_ids, masked = masked_ids[caption_rows], masked[caption_rows].to(device)
         context = masked_context(config, text_encoder, masked_ids.to(device), text)
         with autocast:
             z_e, zq_st, indices, vq_loss, _ = model.tokenizer.encode(images)
@@ -420,11 +438,12 @@ RESUME_SAFE_KEYS = ("steps", "log_every", "checkpoint_every", "sample_every", "t
 
 def check_resumable(stored: dict, config: TrainConfig) -> None:
     """ValueError naming the first option that differs between the checkpoint's ``stored``
-    config and ``config`` other than ``RESUME_SAFE_KEYS``."""
+    config and ``config`` other than ``RESUME_SAFE_KEYS``. An option the checkpoint does not
+    store (it predates the option) had its default value, whose behaviour it keeps."""
     current = config.to_dict()
     saved = TrainConfig.from_dict({k: v for k, v in stored.items() if k in current}).to_dict()
     for key, value in current.items():
-        if key not in RESUME_SAFE_KEYS and key in stored and saved[key] != value:
+        if key not in RESUME_SAFE_KEYS and saved[key] != value:
             raise ValueError(f"--{key}={_flag_value(value)} differs from the run being resumed "
                              f"(--{key}={_flag_value(saved[key])}); with --resume only "
                              f"{', '.join('--' + k for k in RESUME_SAFE_KEYS[:5])} may change")

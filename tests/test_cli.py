@@ -108,3 +108,29 @@ def test_tensorboard_mirror_logs_each_metrics_row_once(tmp_path, monkeypatch):
     metrics.write_text(metrics.read_text() + "15,0.125,13.0\n")  # the resumed run goes on
     resumed.close()
     assert scalars[4:] == [("train/loss", 0.125, 15), ("train/psnr", 13.0, 15)]
+
+
+def test_probe_trains_fresh_heads_on_frozen_codes_and_refuses_tokenizer_changes(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lgvq.training import train
+
+    out_dir = tmp_path / "run"
+    config = build_config("shapes-tiny", {"steps": "2", "out_dir": str(out_dir),
+                                          "checkpoint_every": "2", "eval_images": "16"})
+    checkpoint = train(config, progress=False)
+    before = load_file(str(checkpoint))
+    code, out, _ = run(capsys, "probe", str(checkpoint), "--steps=3", "--captions_per_image=2",
+                       "--eval_images=16", f"--out={tmp_path / 'probe.json'}")
+    assert code == 0 and "recall_gap_one_word: " in out
+    scores = json.loads((tmp_path / "probe.json").read_text())
+    assert scores["probe_config"]["steps"] == 3 and scores["probe_config"]["captions_per_image"] == 2
+    assert 0.0 <= scores["recall_at_1_one_word"] <= 1.0
+    after = load_file(str(checkpoint))  # the checkpoint is only read
+    assert all(before[k].equal(after[k]) for k in before)
+    code, _, err = run(capsys, "probe", str(checkpoint), "--code_dim=8")
+    assert code == 2 and err.count("\n") == 1 and "cannot set ['code_dim']" in err
+    code, _, err = run(capsys, "probe", str(tmp_path / "missing.safetensors"))
+    assert code == 2 and "no such file" in err
+    code, out, _ = run(capsys, "probe", "--help")
+    assert code == 0 and "captions_per_image" in out

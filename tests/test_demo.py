@@ -31,6 +31,16 @@ def test_demo_trains_both_models_in_two_workers_and_writes_the_table(tmp_path, c
     run_demo([0], tmp_path, dict(TINY), workers=1, threads=1)
     assert capsys.readouterr().out.count("reusing the finished run") == 2
 
+    # a changed config (here: the heads') neither resumes nor overwrites the finished runs:
+    # they move aside and the new ones train from step 0
+    before = (tmp_path / "lgvq_seed0" / "metrics.json").read_text()
+    run_demo([0], tmp_path, dict(TINY, decoder_layers="3"), workers=1, threads=1)
+    out = capsys.readouterr().out
+    assert out.count("holds a run of another config (--decoder_layers=3 differs") == 2
+    assert (tmp_path / "lgvq_seed0.previous-1" / "metrics.json").read_text() == before
+    scores = json.loads((tmp_path / "lgvq_seed0" / "metrics.json").read_text())
+    assert scores["config"]["decoder_layers"] == 3 and scores["steps"] == 2
+
 
 def _write_jsonl_folder(folder, count=8):
     """A tiny captioned image folder: coloured squares on grey, train.jsonl and val.jsonl."""

@@ -17,6 +17,7 @@ from lgvq.evaluation.metrics import masked_word_recall, retrieval_accuracy
 from lgvq.training import (
     attribute_word_mask,
     build_model,
+    caption_rows_of,
     mask_words,
     masked_context,
     word_vocabulary,
@@ -148,11 +149,70 @@ def test_a_narrower_decoder_reads_context_and_tokens_through_linear_maps(minilm)
     assert logits.shape == (2, text.ids.shape[1], model.word_head.vocabulary.numel())
 
 
+@pytest.mark.parametrize("per_image", [1, 3])
+def test_the_last_decoder_layer_at_the_masked_slots_only_gives_the_same_values(per_image):
+    from lgvq.alignment import MaskedTextDecoder
+
+    torch.manual_seed(0)
+    decoder = MaskedTextDecoder(32, max_length=12, heads=4).double().eval()
+    rows, length = 2 * per_image, 12
+    features = torch.randn(rows, length, 32, dtype=torch.float64, requires_grad=True)
+    attention = torch.arange(length) < torch.randint(6, length + 1, (rows, 1))
+    masked = (torch.rand(rows, length) < 0.3) & attention
+    masked[0] = False  # a row without a masked slot
+    masked[1, 2] = True
+    visual = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
+    full = decoder(features, masked, attention, visual)
+    fast = decoder(features, masked, attention, visual, only_masked=True)
+    torch.testing.assert_close(fast[masked], full[masked])
+    assert not fast[~masked].any()
+    weights = torch.randn_like(full)
+    grads = [torch.autograd.grad((out[masked] * weights[masked]).sum(), (features, visual))
+             for out in (full, fast)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    nothing = decoder(features, torch.zeros_like(masked), attention, visual, only_masked=True)
+    assert not nothing.any() and nothing.requires_grad
+
+
+def test_several_captions_per_image_each_train_the_word_head(minilm):
+    """k captions per image: the masked-word loss over all k (the decoder reads one copy of
+    each image's tokens, the same values as k copies), global and relation alignment over each
+    image's first caption."""
+    config = build_config("shapes", {"train_images": "32", "decoder_width": "32",
+                                     "decoder_heads": "4", "captions_per_image": "3"})
+    torch.manual_seed(0)
+    model = build_model(config, minilm).eval()  # no dropout: the two paths must agree
+    captions = ["a small red circle at the top", "the red circle is small", "a red circle",
+                "a blue square", "a big blue square on the left", "there is one blue square"]
+    text = minilm.encode(captions)
+    masked_ids, masked = mask_words(minilm, text, config, 0)
+    masked[:, 2] = True  # a word to predict in every caption
+    context = masked_context(config, minilm, masked_ids, text)
+    zq = torch.randn(2, config.code_dim, 8, 8)
+    losses = model.language_losses(zq, text, masked, context)
+    first = text.index_select(torch.tensor([0, 3]))
+    alone = model.language_losses(zq, first, masked[[0, 3]], context[[0, 3]])
+    torch.testing.assert_close(losses.global_alignment, alone.global_alignment)
+    torch.testing.assert_close(losses.relation, alone.relation)
+    copies = model.language_losses(zq.repeat_interleave(3, 0), text, masked, context)
+    torch.testing.assert_close(losses.masked_prediction, copies.masked_prediction)
+    assert not torch.allclose(losses.masked_prediction, alone.masked_prediction)
+    with pytest.raises(ValueError, match="whole number of captions per image"):
+        model.language_losses(zq, text.index_select(torch.arange(5)), masked[:5], context[:5])
+    # a data-parallel rank's images keep their own captions
+    assert caption_rows_of(torch.tensor([1, 3]), 3).tolist() == [3, 4, 5, 9, 10, 11]
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("decoder_width", "-8", "--decoder_width must be an int >= 0"),
     ("visual_width", "-1", "--visual_width must be an int >= 0"),
     ("decoder_heads", "0", "--decoder_heads must be an int >= 1"),
     ("decoder_heads", "5", "divisible by --decoder_heads"),
+    ("captions_per_image", "0", "--captions_per_image must be an int >= 1"),
+    ("decoder_layers", "0", "--decoder_layers must be an int >= 1"),
+    ("decoder_dropout", "1", "--decoder_dropout must be a number in \\[0, 1\\)"),
+    ("decoder_dropout", "-0.1", "--decoder_dropout must be a number in \\[0, 1\\)"),
 ])
 def test_bad_head_sizes_are_one_line_errors(minilm, option, value, message):
     overrides = {"train_images": "32", "decoder_width": "32", option: value}

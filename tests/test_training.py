@@ -323,6 +323,19 @@ def test_resume_takes_the_stored_config_and_allows_only_safe_changes(tmp_path):
         resume_config(tmp_path / "empty")
 
 
+def test_a_checkpoint_older_than_an_option_resumes_only_with_its_default(tmp_path):
+    from lgvq.training import check_resumable
+
+    stored = {**build_config("shapes").to_dict(), "out_dir": str(tmp_path)}
+    del stored["decoder_layers"]  # written before the option existed: the default's behaviour
+    check_resumable(stored, build_config("shapes", {"out_dir": str(tmp_path),
+                                                    "decoder_layers": "2"}))
+    with pytest.raises(ValueError, match=r"--decoder_layers=1 differs from the run being "
+                                         r"resumed \(--decoder_layers=2\)"):
+        check_resumable(stored, build_config("shapes", {"out_dir": str(tmp_path),
+                                                        "decoder_layers": "1"}))
+
+
 def test_cli_resume_errors_are_one_line(tmp_path, capsys):
     from lgvq.__main__ import main
 

@@ -49,7 +49,10 @@ class PostNormDecoderLayer(nn.Module):
     feed-forward ``ffn_ratio`` (1) times wide with ReLU, dropout on the residual branches only
     (none on the attention weights), LayerNorm eps 1e-12.
 
-    target ``[B, T, width]``, memory ``[B, S, width]`` → ``[B, T, width]``.
+    target ``[B k, T, width]``, memory ``[B, S, width]`` → ``[B k, T, width]``: ``k`` targets
+    per memory, image-major. Cross-attention scores each query on its own, so the ``k`` targets
+    of one memory attend to it as one sequence of ``k T`` queries: the memory's keys and values
+    are projected once, not ``k`` times (the same values as repeating the memory).
     """
 
     def __init__(self, width: int, heads: int = 1, ffn_ratio: float = 1.0, dropout: float = 0.1,
@@ -68,11 +71,28 @@ class PostNormDecoderLayer(nn.Module):
     def forward(self, target: Tensor, memory: Tensor,
                 target_padding_mask: Tensor | None = None,
                 memory_padding_mask: Tensor | None = None,
-                causal_mask: Tensor | None = None) -> Tensor:
-        h, _ = self.self_attention(target, target, target, key_padding_mask=target_padding_mask,
+                causal_mask: Tensor | None = None,
+                query_index: Tensor | None = None) -> Tensor:
+        """``query_index`` int64 ``[B k, Q]``: compute the layer's output only at these target
+        slots (``[B k, Q, width]``; every slot still serves as a key and value of the
+        self-attention). A last layer whose output is read at a few slots needs no more."""
+        keys = target
+        if query_index is not None:
+            if causal_mask is not None:
+                raise ValueError("query_index does not take a causal_mask")
+            target = target.gather(1, query_index[..., None].expand(-1, -1, target.shape[-1]))
+        h, _ = self.self_attention(target, keys, keys, key_padding_mask=target_padding_mask,
                                    attn_mask=causal_mask, need_weights=False)
         target = self.norms[0](target + self.dropout(h))
-        h, _ = self.cross_attention(target, memory, memory, key_padding_mask=memory_padding_mask,
-                                    need_weights=False)
-        target = self.norms[1](target + self.dropout(h))
+        rows, length, width = target.shape
+        memories = memory.shape[0]
+        queries = target
+        if rows != memories:
+            if memories == 0 or rows % memories:
+                raise ValueError(f"target: expected a whole number of sequences per memory, "
+                                 f"got {rows} for {memories}")
+            queries = target.reshape(memories, rows // memories * length, width)
+        h, _ = self.cross_attention(queries, memory, memory,
+                                    key_padding_mask=memory_padding_mask, need_weights=False)
+        target = self.norms[1](target + self.dropout(h.reshape(rows, length, width)))
         return self.norms[2](target + self.dropout(self.mlp(target)))

@@ -84,8 +84,9 @@ class MaskedTextDecoder(nn.Module):
     per-position mask embedding, std 0.01, padding zeroed) attend to themselves and to all Zvt
     tokens, through ``depth`` post-LN layers with a ×1 ReLU feed-forward (the official code).
 
-    token_features ``[B, T, C]``, masked bool ``[B, T]``, attention_mask bool ``[B, T]``,
-    visual_tokens ``[B, M + 1, C]`` → hidden ``[B, T, C]``.
+    token_features ``[B k, T, C]``, masked bool ``[B k, T]``, attention_mask bool ``[B k, T]``,
+    visual_tokens ``[B, M + 1, C]`` → hidden ``[B k, T, C]``: ``k`` captions per image,
+    image-major, all reading their image's tokens (one memory, not ``k`` copies of it).
     """
 
     def __init__(self, width: int, max_length: int, depth: int = 2, heads: int = 1,
@@ -97,15 +98,32 @@ class MaskedTextDecoder(nn.Module):
                                      for _ in range(depth)])
 
     def forward(self, token_features: Tensor, masked: Tensor, attention_mask: Tensor,
-                visual_tokens: Tensor) -> Tensor:
+                visual_tokens: Tensor, only_masked: bool = False) -> Tensor:
+        """``only_masked``: the last layer runs only at the masked slots (the only ones the word
+        head reads): the same values there, zeros at the other slots, and on captioned shapes
+        (about 2 masked of up to 30 slots) the last layer's matrix products, attention and
+        dropout ~5x cheaper."""
         length = token_features.shape[1]
         slots = torch.where(masked[..., None], self.mask_embedding[:, :length].to(token_features),
                             token_features)
         slots = slots * attention_mask[..., None].to(slots.dtype)
         padding = ~attention_mask
-        for layer in self.layers:
+        last = len(self.layers) - 1 if only_masked else len(self.layers)
+        for layer in self.layers[:last]:
             slots = layer(slots, visual_tokens, target_padding_mask=padding)
-        return slots
+        if last == len(self.layers):
+            return slots
+        # the masked slots of each row first (a stable sort keeps their order), as many
+        # columns as the row with the most; the extra columns of other rows are dropped
+        counts = masked.sum(1)
+        columns = max(int(counts.max()) if counts.numel() else 0, 1)
+        index = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :columns]
+        keep = torch.arange(columns, device=masked.device) < counts[:, None]
+        out = self.layers[last](slots, visual_tokens, target_padding_mask=padding,
+                                query_index=index)
+        out = out * keep[..., None].to(out.dtype)
+        return slots.new_zeros(slots.shape).scatter(
+            1, index[..., None].expand(-1, -1, slots.shape[-1]), out)
 
 
 class MaskedWordHead(nn.Module):

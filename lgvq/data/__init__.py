@@ -7,7 +7,8 @@ Every data set yields {"image": float32 [3, H, W] in [-1, 1], "captions": list[s
 """
 
 from lgvq.data.build import DATASET_NAMES, build_dataset, dataset_captions
-from lgvq.data.collate import collate_captioned_images, draw_one_caption_per_image
+from lgvq.data.collate import (collate_captioned_images, draw_captions_per_image,
+                                draw_one_caption_per_image)
 from lgvq.data.folders import (
     CaptionedImageFolderDataset,
     CelebAHQCaptionsDataset,
@@ -63,6 +64,7 @@ __all__ = [
     "caption_vocabulary",
     "caption_words",
     "collate_captioned_images",
+    "draw_captions_per_image",
     "draw_one_caption_per_image",
     "find_attribute_words",
     "generate_captioned_scene",

@@ -52,3 +52,31 @@ def draw_one_caption_per_image(
     uniform = torch.rand(len(captions), generator=generator, dtype=torch.float64)
     choices = torch.minimum((uniform * counts).long(), counts.long() - 1).tolist()
     return [options[choice] for options, choice in zip(captions, choices)]
+
+
+def draw_captions_per_image(
+    captions: Sequence[Sequence[str]], per_image: int, generator: torch.Generator | None = None
+) -> list[str]:
+    """Pick ``per_image`` captions per image, image-major (image 0's captions, then image 1's).
+
+    An image with at least ``per_image`` captions gives distinct ones, in a random order; one
+    with fewer gives all of them, then repeats drawn uniformly. ``per_image=1`` is exactly
+    :func:`draw_one_caption_per_image` (the same draws for the same generator).
+
+    Returns:
+        list[str] of ``len(captions) * per_image`` captions.
+    """
+    if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
+        raise ValueError(f"per_image must be a positive integer, got {per_image!r}")
+    if per_image == 1:
+        return draw_one_caption_per_image(captions, generator)
+    empty = [position for position, options in enumerate(captions) if len(options) == 0]
+    if empty:
+        raise ValueError(f"captions: images at batch positions {empty} have no caption")
+    drawn: list[str] = []
+    for options in captions:
+        order = torch.randperm(len(options), generator=generator).tolist()
+        while len(order) < per_image:  # fewer captions than asked: repeat some
+            order.append(int(torch.randint(len(options), (1,), generator=generator)))
+        drawn.extend(options[choice] for choice in order[:per_image])
+    return drawn

@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 
+from lgvq.checkpoint import read_checkpoint_metadata
 from lgvq.config import parse_overrides
 from lgvq.downstream.codes import load_tokenizer
 from lgvq.downstream.evaluation import evaluate_task
 from lgvq.downstream.tasks import (
+    CHECKPOINT_NAME,
     DownstreamConfig,
     build_optimizer,
     build_task_model,
@@ -158,6 +160,25 @@ def prepare_caches(tokenizers: list[Path], tasks: list[str], overrides: dict) ->
                 task_data(config, tokenizer, split)
 
 
+def _set_aside_other_run(folder: Path, tokenizer, label: str) -> None:
+    """A run in ``folder`` trained on another tokenizer's codes (the tokenizer was retrained
+    since), finished or not, is neither reused nor continued: it moves to
+    ``folder.previous-N`` and this one starts at step 0."""
+    checkpoint = folder / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return
+    if read_checkpoint_metadata(checkpoint)["extra"].get("tokenizer_digest") in (
+            None, tokenizer.digest):
+        return
+    number = 1
+    while folder.with_name(f"{folder.name}.previous-{number}").exists():
+        number += 1
+    target = folder.with_name(f"{folder.name}.previous-{number}")
+    folder.rename(target)
+    print(f"[downstream] {label}: {folder} holds a run on another tokenizer's codes (retrained "
+          f"since); moved to {target}, training anew", flush=True)
+
+
 def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
     """One (codebook, seed, task) run in a worker: train (or reuse a finished run), evaluate.
     Returns {scored task: scores} (generate also scores completion)."""
@@ -166,13 +187,17 @@ def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
     config = DownstreamConfig.from_dict(config_values)
     folder = Path(config.out_dir)
     done_path = folder / "scores.json"
+    stat = os.stat(config.tokenizer)  # a file rewritten since (a retrained tokenizer) reloads
+    key = (config.tokenizer, stat.st_mtime_ns, stat.st_size)
+    tokenizer = _WORKER.get(key) or load_tokenizer(config.tokenizer)
+    _WORKER[key] = tokenizer
     if done_path.is_file():
         done = json.loads(done_path.read_text())
-        if done.get("config") == config.to_dict():
+        if done.get("config") == config.to_dict() \
+                and done.get("tokenizer_digest") == tokenizer.digest:
             print(f"[downstream] {label}: reusing the finished run in {folder}", flush=True)
             return done["scores"]
-    tokenizer = _WORKER.get(config.tokenizer) or load_tokenizer(config.tokenizer)
-    _WORKER[config.tokenizer] = tokenizer
+    _set_aside_other_run(folder, tokenizer, label)
     config.resume = True  # an interrupted run is continued; a fresh one starts at step 0
     started = time.perf_counter()
     checkpoint = train_task(config, tokenizer=tokenizer, progress=False)
@@ -185,7 +210,8 @@ def run_job(label: str, task: str, config_values: dict, threads: int) -> dict:
                                            folder / "complete")
     for values in scores.values():
         values["train_seconds"] = train_seconds
-    atomic_write(done_path, json.dumps({"config": config.to_dict(), "scores": scores}, indent=2))
+    atomic_write(done_path, json.dumps({"config": config.to_dict(), "scores": scores,
+                                        "tokenizer_digest": tokenizer.digest}, indent=2))
     print(f"[downstream] {label} done: {train_seconds / 60:.1f} min of training", flush=True)
     return scores
 
@@ -307,8 +333,9 @@ def write_report(out_dir: Path, seeds, scores, jobs, minutes, budget_minutes) ->
     images = [str(out_dir / "training_curves.png")]
     for _, prefix in CODEBOOKS:
         folder = out_dir / f"{prefix}_seed{seeds[0]}"
-        images += [str(p) for p in sorted(folder.glob("*/samples.png"))
-                   + sorted(folder.glob("*/complete/samples.png"))]
+        found = sorted(folder.glob("*/samples.png")) + sorted(folder.glob("*/complete/samples.png"))
+        # not the runs set aside (task.previous-N) when a tokenizer was retrained
+        images += [str(p) for p in found if ".previous-" not in p.relative_to(folder).parts[0]]
     atomic_write(out_dir / "scores.json", json.dumps(scores, indent=2))
     return write_markdown_report(out_dir / "report.md",
                                  "Downstream tasks on baseline vs LG-VQ codes", rows,

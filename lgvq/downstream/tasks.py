@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lgvq.checkpoint import load_checkpoint, save_checkpoint
+from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from lgvq.data_parallel import init_parallel
 from lgvq.config import _coerce
 from lgvq.data import COLOUR_NAMES, SHAPE_NAMES, SceneAttributes, draw_one_caption_per_image
@@ -393,6 +393,7 @@ def train_task(config: DownstreamConfig, *, tokenizer: FrozenTokenizer | None = 
     optimizer = build_optimizer(config, model)
     start_step = 0
     if checkpoint_path.exists():
+        check_same_tokenizer(checkpoint_path, tokenizer)
         start_step = load_checkpoint(checkpoint_path, model=model,
                                      optimizers={"model": optimizer})["step"]
     if parallel.world > 1:  # dropout differs per rank; initial weights came from the seed
@@ -443,14 +444,23 @@ def load_task_model(path: str | Path, config: DownstreamConfig, tokenizer: Froze
                     device) -> CodeTransformer:
     """The trained model of a task checkpoint (no optimizer, RNG untouched)."""
     model = build_task_model(config, tokenizer).to(device)
-    meta = load_checkpoint(path, model=model, restore_rng=False)
-    if meta["extra"].get("tokenizer_digest") not in (None, tokenizer.digest):
-        raise ValueError(f"{path} was trained on another tokenizer's codes than --tokenizer "
-                         f"{tokenizer.path}")
+    check_same_tokenizer(path, tokenizer)
+    load_checkpoint(path, model=model, restore_rng=False)
     return model.eval()
+
+
+def check_same_tokenizer(path: str | Path, tokenizer: FrozenTokenizer) -> None:
+    """ValueError (one line) when the task checkpoint at ``path`` was trained on the codes of
+    another tokenizer checkpoint than ``tokenizer`` (their sha256 differ): a retrained tokenizer
+    makes other codes, and the task model would read them wrongly."""
+    digest = read_checkpoint_metadata(path)["extra"].get("tokenizer_digest")
+    if digest not in (None, tokenizer.digest):
+        raise ValueError(f"{path} was trained on another tokenizer's codes than --tokenizer "
+                         f"{tokenizer.path} (it changed since): remove that run or choose "
+                         "another --out_dir")
 
 
 __all__ = ["DownstreamConfig", "GENERATION_TASKS", "LABEL_CLASSES", "TASKS", "TaskData",
            "UNDERSTANDING_TASKS", "task_data", "build_task_model",
-           "label_grids", "load_task_model", "maskgit_training_mask", "positional_captions",
+           "check_same_tokenizer", "label_grids", "load_task_model", "maskgit_training_mask", "positional_captions",
            "prepare_data", "scene_label_grid", "task_loss", "train_task"]

@@ -74,6 +74,9 @@ class LGVQ(nn.Module):
       decoder_width: width of the masked text decoder (None: C, as in the official code); a
         narrower decoder reads its context and Zvt through linear maps from C.
       decoder_heads: attention heads of the masked text decoder (1 in the official code).
+      decoder_dropout: dropout of the masked text decoder's residual branches and feed-forward
+        (0.1 in the official code).
+      decoder_layers: layers of the masked text decoder (2 in the official code).
     """
 
     def __init__(self, tokenizer: nn.Module, *, code_dim: int, num_tokens: int, text_width: int,
@@ -81,7 +84,8 @@ class LGVQ(nn.Module):
                  weights: LanguageLossWeights, language_guidance: bool = True,
                  backend: str = "auto", visual_width: int | None = None,
                  vocabulary: Tensor | None = None, decoder_width: int | None = None,
-                 decoder_heads: int = 1):
+                 decoder_heads: int = 1, decoder_dropout: float = 0.1,
+                 decoder_layers: int = 2):
         super().__init__()
         self.tokenizer = tokenizer
         self.weights = weights
@@ -98,7 +102,8 @@ class LGVQ(nn.Module):
                               else nn.Linear(text_width, decoder_width))
         self.decoder_memory = (nn.Identity() if decoder_width == text_width
                                else nn.Linear(text_width, decoder_width))
-        self.text_decoder = MaskedTextDecoder(decoder_width, max_length, heads=decoder_heads)
+        self.text_decoder = MaskedTextDecoder(decoder_width, max_length, depth=decoder_layers,
+                                              heads=decoder_heads, dropout=decoder_dropout)
         self.word_head = MaskedWordHead(decoder_width, token_embedding, vocabulary)
         # subtracted from the global text features before InfoNCE and retrieval; zero unless
         # set (centre_text_targets): captions that share most words have nearly parallel
@@ -129,21 +134,32 @@ class LGVQ(nn.Module):
                         context: Tensor | None = None) -> LanguageLosses:
         """The three LG-VQ losses for one batch.
 
-        zq_st ``[B, D, h, w]``; text: features of one caption per image (unmasked); masked bool
-        ``[B, T]``: the word slots to predict; context ``[B, T, C]``: what the masked text
-        decoder reads (``lgvq.training.masked_context``; None: ``text.token_features``, the
-        paper's context, whose masked slots the decoder overwrites).
+        zq_st ``[B, D, h, w]``; text: features of ``k`` captions per image (unmasked),
+        image-major (rows ``i k`` to ``i k + k - 1`` describe image ``i``; ``k = 1`` in the
+        paper); masked bool ``[B k, T]``: the word slots to predict; context ``[B k, T, C]``:
+        what the masked text decoder reads (``lgvq.training.masked_context``; None:
+        ``text.token_features``, the paper's context, whose masked slots the decoder
+        overwrites). The masked-word loss averages over every caption; global and relation
+        alignment use each image's first caption (more captions of one image in the InfoNCE
+        batch would be false negatives).
         """
+        images, rows = zq_st.shape[0], len(text)
+        first = text
+        if rows != images:
+            if images == 0 or rows % images:
+                raise ValueError(f"text: expected a whole number of captions per image, got "
+                                 f"{rows} captions for {images} images")
+            first = text.index_select(torch.arange(0, rows, rows // images))
         tokens = self.tokens(zq_st)
         visual = self.visual_encoder(tokens)
         gsa = global_semantic_alignment_loss(self.cls_to_global(visual[:, 0]),
-                                             self.text_targets(text.global_features),
+                                             self.text_targets(first.global_features),
                                              self.weights.temperature)
         context = text.token_features if context is None else context
         hidden = self.decode_text(context, masked, text.attention_mask, visual)
         mtp = masked_word_loss(self.word_head, hidden, text.ids, masked,
                                self.weights.label_smoothing)
-        ras, _ = self.relation(text.token_features, text.attention_mask, visual[:, 1:], tokens)
+        ras, _ = self.relation(first.token_features, first.attention_mask, visual[:, 1:], tokens)
         w = self.weights
         total = w.alpha * gsa + w.beta * mtp + w.gamma * ras
         return LanguageLosses(total, gsa, mtp, ras, visual)
@@ -165,10 +181,12 @@ class LGVQ(nn.Module):
 
     def decode_text(self, context: Tensor, masked: Tensor, attention_mask: Tensor,
                     visual: Tensor) -> Tensor:
-        """The masked text decoder's hidden states ``[B, T, decoder width]`` for a context
-        ``[B, T, C]`` and the visual tokens Zvt ``[B, M + 1, C]``."""
+        """The masked text decoder's hidden states ``[B k, T, decoder width]`` at the masked
+        slots (zeros elsewhere: the last layer runs only where the word head reads) for a
+        context ``[B k, T, C]`` (``k`` captions per image, image-major) and the visual tokens
+        Zvt ``[B, M + 1, C]``."""
         return self.text_decoder(self.decoder_input(context), masked, attention_mask,
-                                 self.decoder_memory(visual))
+                                 self.decoder_memory(visual), only_masked=True)
 
     def predict_masked_words(self, zq_st: Tensor, context: Tensor, masked: Tensor,
                              attention_mask: Tensor) -> Tensor:

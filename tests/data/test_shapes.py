@@ -17,6 +17,7 @@ from lgvq.data import (
     caption_vocabulary,
     caption_words,
     collate_captioned_images,
+    draw_captions_per_image,
     draw_one_caption_per_image,
     find_attribute_words,
     generate_captioned_scene,
@@ -267,6 +268,26 @@ def test_collate_and_seeded_caption_draw_are_reproducible():
     assert drawn == set(range(5))
     with pytest.raises(ValueError, match="no caption"):
         draw_one_caption_per_image([["a"], []])
+
+
+def test_several_captions_per_image_are_distinct_where_there_are_enough():
+    options = [["a", "b", "c", "d", "e"], ["x", "y"], ["z"]]
+    drawn = draw_captions_per_image(options, 3, torch.Generator().manual_seed(1))
+    assert len(drawn) == 9
+    assert len(set(drawn[:3])) == 3 and set(drawn[:3]) <= set(options[0])
+    assert set(drawn[3:6]) == {"x", "y"} and drawn[6:] == ["z"] * 3
+    # one caption per image: the same draws as draw_one_caption_per_image
+    assert draw_captions_per_image(options, 1, torch.Generator().manual_seed(5)) \
+        == draw_one_caption_per_image(options, torch.Generator().manual_seed(5))
+    # every caption of an image is drawn first in some step (a random order, not a fixed one)
+    generator = torch.Generator().manual_seed(2)
+    assert {draw_captions_per_image(options, 2, generator)[0] for _ in range(100)} \
+        == set(options[0])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="per_image must be a positive integer"):
+            draw_captions_per_image(options, bad)
+    with pytest.raises(ValueError, match="no caption"):
+        draw_captions_per_image([["a"], []], 2)
 
 
 def test_generation_speed_is_reported(capsys):

@@ -41,6 +41,22 @@ def test_demo_trains_every_task_on_both_codebooks(tiny_tokenizer, tmp_path, caps
     run_downstream_demo([0], tokenizers, out, dict(TINY), tasks=["generate"], workers=1)
     assert capsys.readouterr().out.count("reusing the finished run") == 2
 
+    # LG-VQ's tokenizer retrained (another checkpoint, other codes): its finished run is
+    # neither reused nor resumed but set aside; the baseline's is reused
+    from lgvq.config import build_config
+    from lgvq.training import train
+    other = train(build_config("shapes-tiny", {"steps": 2, "train_images": 16, "batch_size": 4,
+                                               "eval_images": 16, "checkpoint_every": 2,
+                                               "seed": 1, "out_dir": str(tmp_path / "other")}),
+                  progress=False)
+    shutil.copy(other, tokenizers / "lgvq_seed0" / "last.safetensors")
+    before = (out / "lgvq_seed0" / "generate" / "scores.json").read_text()
+    run_downstream_demo([0], tokenizers, out, dict(TINY), tasks=["generate"], workers=1)
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the finished run") == 1
+    assert "holds a run on another tokenizer's codes" in printed
+    assert (out / "lgvq_seed0" / "generate.previous-1" / "scores.json").read_text() == before
+
 
 def test_demo_rejects_unknown_tasks(capsys):
     assert main(["--tasks=generate,painting"]) == 2
