@@ -278,7 +278,8 @@ def _write_report(out_dir: Path, base, seeds, scores, folders, minutes, workers,
            else "the unmasked caption (paper)")
         + "; masked text decoder "
         + (f"{base.decoder_width} wide" if base.decoder_width else "at the text width")
-        + f" with {base.decoder_heads} head(s)"
+        + f" with {base.decoder_heads} head(s), {base.decoder_layers} layer(s), dropout "
+        f"{base.decoder_dropout:g}; {base.captions_per_image} caption(s) per image per step"
         + f"; training masks {base.mask_words} words; head over the "
         f"{'training captions' if base.word_vocabulary == 'data' else 'full'} vocabulary",
         "The baseline trains the same heads on detached tokens (probes, same budget), so both "
