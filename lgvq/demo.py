@@ -25,7 +25,7 @@ from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import build_config, parse_overrides
 from lgvq.evaluation.evaluate import evaluate_model
 from lgvq.evaluation.report import mean_and_std, write_markdown_report
-from lgvq.files import atomic_path, atomic_write
+from lgvq.files import atomic_path, atomic_write, set_aside
 from lgvq.data import dataset_captions
 from lgvq.text import TextFeatureCache, load_text_encoder
 from lgvq.training import CHECKPOINT_NAME, build_dataset, build_model, check_resumable, train
@@ -143,11 +143,7 @@ def _set_aside_other_config(folder: Path, config, name: str) -> None:
         check_resumable(read_checkpoint_metadata(checkpoint)["config"], config)
         return
     except ValueError as difference:
-        number = 1
-        while folder.with_name(f"{folder.name}.previous-{number}").exists():
-            number += 1
-        target = folder.with_name(f"{folder.name}.previous-{number}")
-        folder.rename(target)
+        target = set_aside(folder)
         print(f"[demo] {name}: {folder} holds a run of another config "
               f"({str(difference).split(';')[0]}); "
               f"moved to {target}, training anew", flush=True)

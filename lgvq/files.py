@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["append_csv_row", "atomic_path", "atomic_write", "truncate_csv_rows"]
+__all__ = ["append_csv_row", "atomic_path", "atomic_write", "set_aside", "truncate_csv_rows"]
 
 
 def _umask_mode() -> int:
@@ -108,3 +108,16 @@ def append_csv_row(path: str | os.PathLike, row: dict) -> None:
         writer.writerow(row)
         stream.flush()
         os.fsync(stream.fileno())
+
+
+def set_aside(folder: str | os.PathLike) -> Path:
+    """Rename ``folder`` to ``<folder>.previous-N`` (the first N free) and return the new path:
+    a run that must not be continued or overwritten keeps its results beside the new one."""
+    folder = Path(folder)
+    number = 1
+    while folder.with_name(f"{folder.name}.previous-{number}").exists():
+        number += 1
+    target = folder.with_name(f"{folder.name}.previous-{number}")
+    folder.rename(target)
+    return target
+

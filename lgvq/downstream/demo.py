@@ -48,7 +48,7 @@ from lgvq.downstream.tasks import (
     train_task,
 )
 from lgvq.evaluation.report import mean_and_std, write_markdown_report
-from lgvq.files import atomic_path, atomic_write
+from lgvq.files import atomic_path, atomic_write, set_aside
 
 CODEBOOKS = (("baseline", "baseline"), ("LG-VQ", "lgvq"))  # (label, run-folder prefix)
 DEMO_DEFAULTS = {"width": 96, "layers": 2, "heads": 4, "batch_size": 32, "train_images": 1024,
@@ -170,11 +170,7 @@ def _set_aside_other_run(folder: Path, tokenizer, label: str) -> None:
     if read_checkpoint_metadata(checkpoint)["extra"].get("tokenizer_digest") in (
             None, tokenizer.digest):
         return
-    number = 1
-    while folder.with_name(f"{folder.name}.previous-{number}").exists():
-        number += 1
-    target = folder.with_name(f"{folder.name}.previous-{number}")
-    folder.rename(target)
+    target = set_aside(folder)
     print(f"[downstream] {label}: {folder} holds a run on another tokenizer's codes (retrained "
           f"since); moved to {target}, training anew", flush=True)
 
