@@ -128,6 +128,7 @@ PRESETS: dict[str, dict] = {
     #   attribute words only and the word head scoring the training captions' 62 token ids;
     # - a masked text decoder 128 wide with 4 heads instead of the text width (384) with 1: the
     #   heads' step 3x cheaper; heads trained alone on the frozen baseline tokenizer of seed 0
+    #   (`make demo` at commit 44b8a9e, the preset before the captions-per-image change)
     #   (`lgvq probe`, 1,200 steps, one caption per image) read as much with either (Recall@1
     #   gap over the shuffled-image control 0.053 against 0.059 for the official decoder);
     # - five captions per image per step for the masked-word head, with one decoder layer and
