@@ -203,11 +203,15 @@ def load_batch(dataset, config: TrainConfig, step: int) -> Batch:
     indices = batch_indices(config.seed, step, config.batch_size, len(dataset))
     items = [dataset[int(i)] for i in indices]
     images = torch.stack([item["image"] for item in items])
-    captions = draw_captions_per_image([item["captions"] for item in items],
-                                       config.captions_per_image,
-                                       generator=step_generator(config.seed, step,
-                                                                RandomStream.CAPTION_DRAW))
-    return Batch(images, captions)
+    return Batch(images, step_captions([item["captions"] for item in items], config, step))
+
+
+def step_captions(captions: list[list[str]], config: TrainConfig, step: int) -> list[str]:
+    """The captions step ``step`` trains on, given the captions of each of its images:
+    ``config.captions_per_image`` per image, image-major, from the step's own seeded draw."""
+    return draw_captions_per_image(captions, config.captions_per_image,
+                                   generator=step_generator(config.seed, step,
+                                                            RandomStream.CAPTION_DRAW))
 
 
 def caption_rows_of(image_rows: torch.Tensor, per_image: int) -> torch.Tensor:
@@ -511,4 +515,4 @@ def steps_until_interrupted(steps, total: int, save, *, enabled: bool = True):
 __all__ = ["train", "build_model", "build_backbone", "build_dataset", "batch_indices",
            "load_batch", "mask_words", "quantizer_kwargs", "step_generator", "RandomStream",
            "CHECKPOINT_NAME", "RESUME_SAFE_KEYS", "TrainingInterrupted", "resume_config",
-           "check_resumable"]
+           "check_resumable", "step_captions"]

@@ -24,19 +24,18 @@ from tqdm import tqdm
 
 from lgvq.checkpoint import load_checkpoint, read_checkpoint_metadata
 from lgvq.config import TrainConfig
-from lgvq.data import dataset_captions, draw_captions_per_image
+from lgvq.data import dataset_captions
 from lgvq.evaluation.evaluate import evaluate_model
 from lgvq.files import atomic_write
 from lgvq.text import TextFeatureCache, load_text_encoder
 from lgvq.training import (
-    RandomStream,
     batch_indices,
     build_dataset,
     build_model,
     learning_rate_factor,
     mask_words,
     masked_context,
-    step_generator,
+    step_captions,
 )
 
 # what a probe may change: the heads, their training, and what is scored
@@ -49,13 +48,12 @@ PROBE_KEYS = ("steps", "batch_size", "seed", "head_learning_rate", "learning_rat
               "threads")
 
 
-def probe_config(checkpoint: str | Path, overrides: dict) -> TrainConfig:
-    """The checkpoint's config with the probe's ``overrides`` (strings or values) applied."""
+def probe_config(saved: dict, overrides: dict) -> TrainConfig:
+    """The checkpoint's config ``saved`` with the probe's ``overrides`` (strings or values)."""
     unknown = sorted(set(overrides) - set(PROBE_KEYS))
     if unknown:
         raise ValueError(f"lgvq probe changes only the heads and their training; cannot set "
                          f"{unknown} (allowed: {', '.join(PROBE_KEYS)})")
-    saved = read_checkpoint_metadata(str(checkpoint))["config"]
     values = {**saved, **overrides, "language_guidance": False}
     if "head_learning_rate" not in overrides and not saved.get("head_learning_rate"):
         values["head_learning_rate"] = saved["learning_rate"]  # the rate the heads trained at
@@ -69,10 +67,11 @@ def probe_heads(checkpoint: str | Path, overrides: dict | None = None, *, text_e
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {checkpoint}")
-    config = probe_config(checkpoint, dict(overrides or {}))
+    saved = read_checkpoint_metadata(str(checkpoint))["config"]
+    config = probe_config(saved, dict(overrides or {}))
     if config.threads:
         torch.set_num_threads(config.threads)
-    saved_config = TrainConfig.from_dict(read_checkpoint_metadata(str(checkpoint))["config"])
+    saved_config = TrainConfig.from_dict(saved)
     text_encoder = text_encoder or load_text_encoder(config.text_encoder,
                                                      max_length=config.max_text_length)
     dataset = build_dataset(config, "train")
@@ -97,11 +96,7 @@ def probe_heads(checkpoint: str | Path, overrides: dict | None = None, *, text_e
     model.tokenizer.eval()
     for step in tqdm(range(config.steps), desc="lgvq-probe", disable=not progress):
         rows = batch_indices(config.seed, step, config.batch_size, len(dataset))
-        drawn = draw_captions_per_image([image_captions[int(i)] for i in rows],
-                                        config.captions_per_image,
-                                        generator=step_generator(config.seed, step,
-                                                                 RandomStream.CAPTION_DRAW))
-        text = cache.encode(drawn)
+        text = cache.encode(step_captions([image_captions[int(i)] for i in rows], config, step))
         masked_ids, masked = mask_words(text_encoder, text, config, step)
         context = masked_context(config, text_encoder, masked_ids, text)
         loss = model.language_losses(codes[rows], text, masked, context).total

@@ -1,4 +1,7 @@
-"""Config builder shared by the downstream task tests."""
+"""Config builder and checks shared by the downstream task tests."""
+
+import torch
+from safetensors.torch import load_file
 
 from lgvq.downstream.tasks import DownstreamConfig
 
@@ -8,3 +11,13 @@ def task_config(base: dict, tmp_path, task: str, **overrides) -> DownstreamConfi
     values = {**base, "task": task, "steps": 2, "out_dir": str(tmp_path / task),
               "cache_dir": str(tmp_path / "cache"), **overrides}
     return DownstreamConfig.from_dict(values)
+
+
+def assert_same_weights(expected_path, actual_path) -> None:
+    """Two task checkpoints hold the same tensors, bit for bit (the RNG state aside: a resumed
+    process started from another one)."""
+    expected, actual = load_file(str(expected_path)), load_file(str(actual_path))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        if name != "rng.torch":
+            assert torch.equal(expected[name], actual[name]), name
