@@ -75,6 +75,27 @@ void dynamic_blocks(int64_t blocks, const Worker& worker) {
 #include "nearest_code_kernels.h"
 
 namespace avx2 {
+// v replaces the lanes of (value, index) where it is finite and strictly lower: +inf fails the
+// first test, NaN both, -inf the second.
+inline void keep_lower(__m256 v, __m256i code, __m256 minus_inf, __m256& value,
+                       __m256i& index) {
+  const __m256 better = _mm256_and_ps(_mm256_cmp_ps(v, value, _CMP_LT_OQ),
+                                      _mm256_cmp_ps(v, minus_inf, _CMP_GT_OQ));
+  value = _mm256_blendv_ps(value, v, better);
+  index = _mm256_blendv_epi8(index, code, _mm256_castps_si256(better));
+}
+
+// The finite lanes of an 8-lane (value, index) minimum merged into b (ties to the lower index).
+inline void merge_lanes(__m256 value, __m256i index, Best<float>& b) {
+  alignas(32) float lane_value[8];
+  alignas(32) int32_t lane_index[8];
+  _mm256_store_ps(lane_value, value);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_index), index);
+  for (int l = 0; l < 8; ++l)
+    if (lane_value[l] < std::numeric_limits<float>::infinity())
+      b.merge(lane_value[l], lane_index[l]);
+}
+
 // float32 specialisation of the micro-kernel with intrinsics: GCC does not keep the generic
 // version's accumulators in registers for a run-time D (measured 5 GFLOP/s at D=8). Each step
 // takes 4 rows x 16 codes (two lane panels): 8 FMAs per 2 code loads and 4 broadcasts, so the
@@ -113,28 +134,15 @@ inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const fl
       const __m256 av = _mm256_loadu_ps(a_padded + j + h * kLanes);
       for (int r = 0; r < 4; ++r) {
         const int slot = 2 * r + h;
-        const __m256 v = _mm256_fmadd_ps(mv, acc[slot], av);
-        // finite and lower: +inf fails the first test, NaN both, -inf the second
-        const __m256 better = _mm256_and_ps(_mm256_cmp_ps(v, best_value[slot], _CMP_LT_OQ),
-                                            _mm256_cmp_ps(v, minus_inf, _CMP_GT_OQ));
-        best_value[slot] = _mm256_blendv_ps(best_value[slot], v, better);
-        best_index[slot] = _mm256_blendv_epi8(best_index[slot], code_index[h],
-                                              _mm256_castps_si256(better));
+        keep_lower(_mm256_fmadd_ps(mv, acc[slot], av), code_index[h], minus_inf,
+                   best_value[slot], best_index[slot]);
       }
       code_index[h] = _mm256_add_epi32(code_index[h], step);
     }
   }
-  alignas(32) float lane_value[8];
-  alignas(32) int32_t lane_index[8];
   for (int r = 0; r < 4; ++r) {
     Best<float> b;
-    for (int h = 0; h < 2; ++h) {
-      _mm256_store_ps(lane_value, best_value[2 * r + h]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_index), best_index[2 * r + h]);
-      for (int l = 0; l < 8; ++l)
-        if (lane_value[l] < std::numeric_limits<float>::infinity())
-          b.merge(lane_value[l], lane_index[l]);
-    }
+    for (int h = 0; h < 2; ++h) merge_lanes(best_value[2 * r + h], best_index[2 * r + h], b);
     best[r] = b;
   }
 }
@@ -158,38 +166,16 @@ inline void scan_scores<float>(const float* dots, const float* a, float m, int64
   for (int64_t j = 0; j < full; j += 2 * kLanes) {
     for (int h = 0; h < 2; ++h) {
       const int64_t at = j + h * kLanes;
-      const __m256 v = _mm256_fmadd_ps(mv, _mm256_loadu_ps(dots + at), _mm256_loadu_ps(a + at));
-      const __m256 better = _mm256_and_ps(_mm256_cmp_ps(v, best_value[h], _CMP_LT_OQ),
-                                          _mm256_cmp_ps(v, minus_inf, _CMP_GT_OQ));
-      best_value[h] = _mm256_blendv_ps(best_value[h], v, better);
-      best_index[h] = _mm256_blendv_epi8(best_index[h], code_index[h],
-                                         _mm256_castps_si256(better));
+      keep_lower(_mm256_fmadd_ps(mv, _mm256_loadu_ps(dots + at), _mm256_loadu_ps(a + at)),
+                 code_index[h], minus_inf, best_value[h], best_index[h]);
       code_index[h] = _mm256_add_epi32(code_index[h], step);
     }
   }
-  alignas(32) float lane_value[8];
-  alignas(32) int32_t lane_index[8];
   Best<float> tile;
-  for (int h = 0; h < 2; ++h) {
-    _mm256_store_ps(lane_value, best_value[h]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_index), best_index[h]);
-    for (int l = 0; l < 8; ++l)
-      if (lane_value[l] < std::numeric_limits<float>::infinity())
-        tile.merge(lane_value[l], lane_index[l]);
-  }
-  for (int64_t j = full; j < count; ++j) {
-    // the generic expression (a + m * dot, contracted to one FMA like the vector lanes)
-    const float v = std::fma(m, dots[j], a[j]);
-    // tail indices are larger than every lane index: a strict comparison keeps the lowest
-    if (v < tile.value && v > -std::numeric_limits<float>::infinity()) {
-      tile.value = v;
-      tile.index = j;
-    }
-  }
-  if (tile.value < best.value) {  // earlier tiles hold lower indices: they win ties
-    best.value = tile.value;
-    best.index = first_code + tile.index;
-  }
+  for (int h = 0; h < 2; ++h) merge_lanes(best_value[h], best_index[h], tile);
+  // the tail: the generic expression a + m * dot, contracted to one FMA like the vector lanes
+  finish_tile(tile, full, count, first_code,
+              [&](int64_t j) { return std::fma(m, dots[j], a[j]); }, best);
 }
 }  // namespace avx2
 

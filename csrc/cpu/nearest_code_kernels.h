@@ -17,6 +17,25 @@ struct Best {
   }
 };
 
+// The end of a tile's scan, shared by the generic and the vectorised scan_scores: the scalar
+// tail j in [full, count) (score(j)), then the tile's minimum into `best`.
+template <typename T, typename Score>
+inline void finish_tile(Best<T>& tile, int64_t full, int64_t count, int64_t first_code,
+                        Score score, Best<T>& best) {
+  for (int64_t j = full; j < count; ++j) {
+    const T v = score(j);
+    // tail indices are larger than every lane index: a strict comparison keeps the lowest
+    if (v < tile.value && v > -std::numeric_limits<T>::infinity()) {
+      tile.value = v;
+      tile.index = j;
+    }
+  }
+  if (tile.value < best.value) {  // earlier tiles hold lower indices: they win ties
+    best.value = tile.value;
+    best.index = first_code + tile.index;
+  }
+}
+
 // Folds scores a[j] + m * dots[j], j in [0, count), of codes first_code + j into `best`.
 template <typename T>
 inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t first_code,
@@ -41,18 +60,7 @@ inline void scan_scores(const T* dots, const T* a, T m, int64_t count, int64_t f
   for (int64_t l = 0; l < kLanes; ++l) {
     if (lane_value[l] < std::numeric_limits<T>::infinity()) tile.merge(lane_value[l], lane_index[l]);
   }
-  for (int64_t j = full; j < count; ++j) {
-    const T v = a[j] + m * dots[j];
-    // tail indices are larger than every lane index: a strict comparison keeps the lowest
-    if (v < tile.value && v > -std::numeric_limits<T>::infinity()) {
-      tile.value = v;
-      tile.index = j;
-    }
-  }
-  if (tile.value < best.value) {  // earlier tiles hold lower indices: they win ties
-    best.value = tile.value;
-    best.index = first_code + tile.index;
-  }
+  finish_tile(tile, full, count, first_code, [&](int64_t j) { return a[j] + m * dots[j]; }, best);
 }
 
 template <typename T>
