@@ -49,11 +49,14 @@ def segment_sum(values: Tensor, indices: Tensor, num_segments: int) -> Tensor:
     return _SegmentSum.apply(values, indices, num_segments)
 
 
-# Scores per block of the search: a block [rows, codes] holds about this many (16 MiB in
-# float32), so the N x K matrix never exists whole. Blocks take whole codebooks while that
-# leaves at least MIN_BLOCK_ROWS rows; past that (few rows, huge K) they split the codebook
-# instead of the rows, so that the codebook is read once (64 x 262144 x 256: 16-row blocks
-# re-read its 256 MiB four times, 6x slower than addmm).
+# Scores per block of the search: one buffer of about this many scores (1 MiB in float32) is
+# allocated per call and reused by every block, so the N x K matrix never exists whole and the
+# block stays in cache between the GEMM that writes it and the argmin that reads it. Blocks take
+# whole codebooks while that leaves at least MIN_BLOCK_ROWS rows; past that (few rows, huge K)
+# they split the codebook instead, so that the codebook is read once per MIN_BLOCK_ROWS rows.
+# Measured on the 2-core EPYC against addmm + argmin (docs/benchmarks.md, "The reference
+# backend"): a fresh 4-16 MiB score matrix per call costs its page faults (2048 x 4096 scores:
+# addmm 19 ms into a new matrix, 5.9 ms into a reused one).
 CHUNK_SCORES = 1 << 22
 MIN_BLOCK_ROWS = 256
 
@@ -61,6 +64,45 @@ MIN_BLOCK_ROWS = 256
 def _block_sizes(n: int, k: int) -> tuple[int, int]:
     rows = min(n, max(MIN_BLOCK_ROWS, CHUNK_SCORES // k))
     return rows, min(k, max(1, CHUNK_SCORES // rows))
+
+
+# CPU only: ATen's argmin/argmax over a row run ~10x slower per score than amin/amax (no vector
+# lanes in the index-tracking loop; 1024 x 1024 float32 scores, 2 threads: argmin 0.49-0.62 ms,
+# amin 0.03-0.05 ms). So a row is split into groups of GROUP_WIDTH contiguous scores: amin per
+# group (vectorised), argmin over the group minima (the first group holding the row's minimum),
+# argmin inside that one group. The same index as argmin, NaN included (amin propagates NaN, so
+# the first group holding a NaN is chosen and the first NaN inside it). 0.28 ms at 1024 x 1024.
+GROUP_WIDTH = 64  # measured best for K <= 4096 (32: 0.37 ms, 128: 0.34 ms at 1024 x 1024)
+GROUP_WIDTH_LARGE = 256  # K >= 8192 (256 x 16384 scores: 0.28 ms, 64: 0.40 ms, argmin 1.76)
+MIN_GROUPED_SCORES = 1 << 16  # below this the extra ops cost more than they save
+
+
+def first_best(scores: Tensor, lowest: bool) -> Tensor:
+    """``scores.argmin(1)`` (lowest) or ``scores.argmax(1)``, [N] int64, the same indices: ties
+    to the first, a NaN chosen over any number (the first NaN). Grouped on CPU (see
+    GROUP_WIDTH); elsewhere the plain reduction."""
+    arg = torch.argmin if lowest else torch.argmax
+    n, k = scores.shape
+    width = GROUP_WIDTH_LARGE if k >= 8192 else GROUP_WIDTH
+    groups = k // width
+    if scores.device.type != "cpu" or groups < 2 or n * k < MIN_GROUPED_SCORES:
+        return arg(scores, dim=1)
+    split = groups * width
+    main = scores[:, :split].view(n, groups, width)
+    group_best = (torch.amin if lowest else torch.amax)(main, dim=2)
+    group = arg(group_best, dim=1, keepdim=True)
+    inside = main.gather(1, group[:, :, None].expand(n, 1, width)).squeeze(1)
+    index = group.squeeze_(1).mul_(width).add_(arg(inside, dim=1))
+    if split == k:
+        return index
+    # the last k % width scores: taken when strictly better, or NaN where the rest is not
+    tail = scores[:, split:]
+    tail_index = arg(tail, dim=1, keepdim=True)
+    tail_value = tail.gather(1, tail_index).squeeze_(1)
+    value = scores.gather(1, index[:, None]).squeeze_(1)
+    take = (tail_value < value) if lowest else (tail_value > value)
+    take |= tail_value.isnan() & ~value.isnan()
+    return torch.where(take, tail_index.squeeze_(1) + split, index)
 
 
 def _squared_norms(rows: Tensor) -> Tensor:
@@ -74,17 +116,22 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     """x [N, D], codebook [K, D] (same dtype), codebook_sqnorm [K] or None.
 
     l2:     distance = ||x - c||^2 (expanded form, clamped at 0).
-    cosine: the codebook arrives unit-normalised, x need not: the search ranks -x.c (the same
-            order as -x.c / |x|) and distance = 1 - x.c / max(|x|, 1e-12) (a zero row: 1).
+    cosine: the codebook arrives unit-normalised, x need not: the search ranks x.c, highest
+            first (the same order as x.c / |x|) and distance = 1 - x.c / max(|x|, 1e-12) (a zero row: 1).
     Returns (indices int64 [N], distances [N] in the accumulation dtype). Ties go to the lowest
     index; a non-finite score is never chosen unless every score of the row is non-finite, in
     which case index 0 is returned with its (non-finite) distance.
 
-    The search runs in blocks of ~CHUNK_SCORES scores (``_block_sizes``): one addmm (mm for
-    cosine) and one ``argmin`` per block, extra memory bounded by the block whatever N and K. A
-    block whose minimum is not finite (NaN, -inf or a row of +inf) is searched again with the
-    non-finite scores masked. Blocks of codes are merged in ascending order, ties kept by the
-    earlier block (the lower index).
+    The search runs in blocks of ~CHUNK_SCORES scores (``_block_sizes``) in one reused buffer:
+    one addmm (l2) or mm (cosine, ranked by argmax of x.c: the same choice as argmin of -x.c,
+    ties to the first) and one arg-reduction per block, extra memory bounded by the block
+    whatever N and K. Non-finite scores: where the codebook fits one block, a row whose chosen
+    score is not finite (NaN propagates through the reduction, -inf wins it, a row of +inf) is
+    searched again with the non-finite scores masked, after the whole search (one host read on
+    CPU). Where the codebook is split, on CPU a block is searched again masked when its chosen
+    scores are not all finite (one host read per block); on other devices (no host read) every
+    block is masked before the merge. Code blocks merge in ascending order, ties kept by the
+    earlier one.
     """
     dtype = compute_dtype(x.dtype)
     xf, cf = x.to(dtype), codebook.to(dtype)
@@ -94,55 +141,92 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     if n == 0:
         return indices, best
     l2 = metric == "l2"
+    offsets = None
     if l2:
         offsets = _squared_norms(cf) if codebook_sqnorm is None else codebook_sqnorm.to(dtype)
-    # a host read per block on CPU (free there); on other devices every block takes the masked
-    # path, which needs none
-    check_on_host = x.device.type == "cpu"
     rows, codes = _block_sizes(n, k)
+    # CPU (host reads are free there): one codebook block, one check after the search; a split
+    # codebook, one check per block. Elsewhere every block is masked (no host read).
+    on_cpu = x.device.type == "cpu"
+    defer = on_cpu and codes == k
     with _matmul_precision(precision, x.device):
-        for start in range(0, n, rows):
-            part = xf[start:start + rows]
-            row_best, row_index = best[start:start + rows], indices[start:start + rows]
-            for first in range(0, k, codes):
-                block = cf[first:first + codes]
-                if l2:
-                    scores = torch.addmm(offsets[first:first + codes], part, block.t(),
-                                         alpha=-2.0)
-                else:
-                    scores = torch.mm(part, block.t()).neg_()
-                # argmin then a gather: min(dim=1) (values and indices) measured 1.76 ms for
-                # 1024 x 1024 scores against ~0.5 ms for argmin (one thread)
-                index = scores.argmin(dim=1)
-                value = scores.gather(1, index[:, None]).squeeze(1)
-                if not (check_on_host and bool(torch.isfinite(value).all())):
-                    # NaN (min propagates it), -inf or a row of +inf somewhere: mask them
-                    finite = torch.where(torch.isfinite(scores), scores, torch.inf)
-                    index = finite.argmin(dim=1)
-                    value = scores.gather(1, index[:, None]).squeeze(1)
-                if first == 0:
-                    row_best.copy_(value)
-                    row_index.copy_(index)
-                    continue
-                # a later block replaces a finite best only when strictly lower; a non-finite
-                # best (a row non-finite so far) by any finite value
-                better = (value < row_best) | (~torch.isfinite(row_best) & torch.isfinite(value)
-                                               & (value > -torch.inf))
-                row_best.copy_(torch.where(better, value, row_best))
-                row_index.copy_(torch.where(better, index + first, row_index))
+        _search(xf, cf, offsets, rows, codes, "never" if defer else
+                ("when_needed" if on_cpu else "always"), indices, best)
+        if defer:
+            redo = (~torch.isfinite(best)).nonzero().squeeze(1)
+            if redo.numel():
+                again_index, again_best = indices[redo], best[redo]
+                _search(xf[redo], cf, offsets, rows, codes, "always", again_index, again_best)
+                indices[redo], best[redo] = again_index, again_best
     duplicates = lowest_duplicate_or_none(cf, offsets if l2 and codebook_sqnorm is None
                                           else None)
     if duplicates is not None:
         indices = duplicates[indices]
     if l2:
         return indices, (_squared_norms(xf) + best).clamp_min_(0.0)
-    return indices, 1.0 + best / torch.linalg.vector_norm(xf, dim=1).clamp_min(1e-12)
+    return indices, best.div_(torch.linalg.vector_norm(xf, dim=1).clamp_min_(1e-12)).neg_().add_(1.0)
+
+
+def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, rows: int, codes: int, mask: str,
+            indices: Tensor, best: Tensor) -> None:
+    """The blocked search of ``nearest_code`` into indices and best (l2: the lowest
+    |c|^2 - 2 x.c; cosine: the highest x.c). mask: "always", non-finite scores never chosen (a
+    row of them: index 0) in every block; "when_needed", a block is masked when its chosen
+    scores are not all finite (a host read); "never", the reduction's own choice."""
+    if mask not in ("always", "when_needed", "never"):
+        raise ValueError(f"mask must be 'always', 'when_needed' or 'never', got {mask!r}")
+    n, k = xf.shape[0], cf.shape[0]
+    l2 = offsets is not None
+    buffer = torch.empty(min(n, rows) * min(k, codes), dtype=xf.dtype, device=xf.device)
+    for start in range(0, n, rows):
+        part = xf[start:start + rows]
+        row_best, row_index = best[start:start + rows], indices[start:start + rows]
+        for first in range(0, k, codes):
+            block = cf[first:first + codes]
+            scores = buffer[:part.shape[0] * block.shape[0]].view(part.shape[0], block.shape[0])
+            if l2:
+                torch.addmm(offsets[first:first + codes], part, block.t(), alpha=-2.0,
+                            out=scores)
+            else:
+                torch.mm(part, block.t(), out=scores)
+            if mask == "always":
+                index = _masked_best(scores, l2)
+            else:
+                index = first_best(scores, l2)
+            # (argmin then a gather: min(dim=1) measured 1.76 ms for 1024 x 1024 scores against
+            # ~0.5 ms for argmin, one thread)
+            value = scores.gather(1, index[:, None]).squeeze(1)
+            if mask == "when_needed" and not bool(torch.isfinite(value).all()):
+                index = _masked_best(scores, l2)
+                value = scores.gather(1, index[:, None]).squeeze(1)
+            if first == 0:
+                row_best.copy_(value)
+                row_index.copy_(index)
+                continue
+            # a later block replaces a finite best only when strictly better; a non-finite
+            # best (a row non-finite so far) by any finite value
+            better = (value < row_best) if l2 else (value > row_best)
+            better |= ~torch.isfinite(row_best) & torch.isfinite(value)
+            row_best.copy_(torch.where(better, value, row_best))
+            row_index.copy_(torch.where(better, index + first, row_index))
+
+
+def _masked_best(scores: Tensor, lowest: bool) -> Tensor:
+    # NaN, -inf and +inf can never win: an infinity on the losing side stands in for them (a
+    # row of them: the first code, as the contract says)
+    worst = torch.inf if lowest else -torch.inf
+    return first_best(torch.where(torch.isfinite(scores), scores, worst), lowest)
+
+
+SUM_SCREEN_MAX_CODES = 4096  # past this, row sums collide too often (birthday) to screen alone
 
 
 def lowest_duplicate_or_none(codebook: Tensor, squared_norms: Tensor | None = None
                              ) -> Tensor | None:
-    """``lowest_duplicate(codebook)``, or None when no two codes can be equal. A screen first:
-    equal rows share their row sum and squared norm (ATen reduces every row of a contiguous
+    """``lowest_duplicate(codebook)``, or None when no two codes can be equal. Screens first:
+    up to SUM_SCREEN_MAX_CODES codes, distinct row sums (sorted) clear the codebook at once
+    (NaN sums never match: a NaN code is never chosen anyway); otherwise equal rows share their
+    row sum and squared norm (ATen reduces every row of a contiguous
     matrix in the same order), packed into one int64 key per row (float32: the two bit patterns
     side by side; a lossy mix of float32 values widened to float64 collided at K = 262144 and
     sent the search to the slow path); only when two keys
@@ -150,9 +234,16 @@ def lowest_duplicate_or_none(codebook: Tensor, squared_norms: Tensor | None = No
     against ~1 ms for the screen). One float key alone would not do: 16384 random |c|^2 share
     a value ~17 times (birthday collisions over few ulps). ``squared_norms``: |c|^2 if the
     caller has it."""
+    sums = codebook.sum(1) + 0.0  # (-0 -> +0)
+    if codebook.shape[0] <= SUM_SCREEN_MAX_CODES:
+        # the row sums alone first: distinct sums, distinct rows (1024 x 64: ~35 us against
+        # ~110 us for the packed keys); a shared sum (a few % of random codebooks this size)
+        # goes on to the keys
+        ordered = sums.sort().values
+        if not bool((ordered[1:] == ordered[:-1]).any()):
+            return None
     if squared_norms is None:
         squared_norms = _squared_norms(codebook)
-    sums = codebook.sum(1) + 0.0  # (-0 -> +0)
     if sums.dtype == torch.float64:  # 64-bit patterns, mixed (collisions as rare as random)
         keys = sums.view(torch.int64) * -7046029254386353131 ^ squared_norms.view(torch.int64)
     else:  # both 32-bit patterns side by side: one int64 per distinct pair, exactly

@@ -255,6 +255,98 @@ def test_reference_blocks_keep_ties_and_non_finite_rules(monkeypatch):
     torch.testing.assert_close(distances, oracle.gather(1, expected[:, None]).squeeze(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lowest", [True, False])
+@pytest.mark.parametrize("n,k,width", [(9, 128, 64), (9, 130, 64), (5, 193, 64), (7, 37, 4),
+                                       (6, 8192 + 5, 256), (4, 16, 4)])
+def test_first_best_is_argmin_argmax_exactly(monkeypatch, dtype, lowest, n, k, width):
+    # The grouped reduction forced at every size: the same index as argmin / argmax on ties
+    # (small integers), NaN (the first NaN), -inf / +inf, rows all of one of them, and a tail of
+    # k % width scores that holds the row's best.
+    monkeypatch.setattr(reference, "MIN_GROUPED_SCORES", 0)
+    monkeypatch.setattr(reference, "GROUP_WIDTH", width)
+    monkeypatch.setattr(reference, "GROUP_WIDTH_LARGE", width)
+    g = torch.Generator().manual_seed(k + n)
+    scores = torch.randint(-3, 4, (n, k), generator=g).to(dtype)
+    nan, inf = float("nan"), float("inf")
+    scores[0, [5, k - 1]] = nan
+    scores[1, 3] = -inf
+    scores[1, k - 2] = -inf
+    scores[2] = inf
+    scores[3] = nan
+    scores[-1, k - 1] = -10.0 if lowest else 10.0  # the best score in the tail (or last group)
+    if n > 5:
+        scores[4, [2, k - 3]] = inf
+        scores[5, k // 2] = nan
+    arg = torch.argmin if lowest else torch.argmax
+    assert torch.equal(reference.first_best(scores, lowest), arg(scores, dim=1))
+    assert torch.equal(reference.first_best(-scores, lowest), arg(-scores, dim=1))
+    # a NaN only in the last score of each row (the tail where k % width != 0)
+    last_nan = torch.randint(-3, 4, (n, k), generator=g).to(dtype)
+    last_nan[:, -1] = nan
+    assert torch.equal(reference.first_best(last_nan, lowest), arg(last_nan, dim=1))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("split", [False, True], ids=["one_block", "split_codebook"])
+def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split):
+    # Grouped reductions forced; one code block (non-finite rows found after the search and
+    # redone masked) or a split codebook (a block checked, and masked, when needed): the
+    # oracle's choice with non-finite codes excluded, duplicates to the lowest index, a row
+    # that is all non-finite to index 0.
+    monkeypatch.setattr(reference, "MIN_GROUPED_SCORES", 0)
+    monkeypatch.setattr(reference, "GROUP_WIDTH", 4)
+    if split:
+        monkeypatch.setattr(reference, "CHUNK_SCORES", 60)
+        monkeypatch.setattr(reference, "MIN_BLOCK_ROWS", 5)
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    if metric == "cosine":  # the reference takes a unit codebook (the public op's job)
+        codebook = torch.nn.functional.normalize(codebook, dim=1)
+    codebook[30] = codebook[4]
+    codebook[7, 1] = float("nan")
+    codebook[12] = float("inf")
+    codebook[33, 0] = -float("inf")
+    x = codebook[[4, 30, 2, 9, 20, 35, 1, 3, 36, 15, 16, 18, 22]].clone()
+    x += 1e-3 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x[1] = codebook[30]
+    x[5, 2] = float("nan")  # a row all non-finite
+    rows, codes = reference._block_sizes(*x.shape[:1], codebook.shape[0])
+    assert (codes < codebook.shape[0]) == split
+    indices, distances = reference.nearest_code(x, codebook, None, metric, "ieee")
+    oracle = reference.nearest_code_oracle(x, codebook, metric)
+    oracle[:, ~torch.isfinite(codebook).all(1)] = torch.inf
+    expected = oracle.argmin(1)
+    expected[expected == 30] = 4
+    expected[5] = 0
+    assert indices.tolist() == expected.tolist() and indices[1] == 4
+    finite_rows = [i for i in range(x.shape[0]) if i != 5]
+    torch.testing.assert_close(distances[finite_rows],
+                               oracle[finite_rows].gather(1, expected[finite_rows, None])
+                               .squeeze(1))
+    assert torch.isnan(distances[5])
+
+
+@pytest.mark.parametrize("screen_max", [4096, 4], ids=["sum_screen", "keys_only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_screen(monkeypatch, screen_max, dtype):
+    # Distinct codes: no mapping. Codes with equal row sums that differ (a permutation): the
+    # screen goes on, and maps each to itself. Real duplicates: the lowest index.
+    monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen_max)
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(40, 5, generator=g).to(dtype)
+    assert reference.lowest_duplicate_or_none(codebook) is None
+    codebook[17] = codebook[3].flip(0)  # same sum, same norm, different code
+    mapping = reference.lowest_duplicate_or_none(codebook)
+    assert mapping is None or torch.equal(mapping, torch.arange(40))
+    codebook[25] = codebook[3]
+    codebook[39] = codebook[3]
+    mapping = reference.lowest_duplicate_or_none(codebook)
+    expected = torch.arange(40)
+    expected[[25, 39]] = 3
+    assert mapping is not None and torch.equal(mapping, expected)
+
+
 def test_native_few_rows_ties_across_code_tiles():
     # N <= 256 rows and D > 64 take the few-rows path (parallel over 256-code tiles); copies of
     # one code in three tiles: the lowest index wins, whatever tile finishes first.
