@@ -7,7 +7,8 @@ and nvcc is found. A failed or skipped build only warns: the package then runs o
   LGVQ_CUDA_ARCHS      e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0)
   LGVQ_NO_AVX2=1       compile the CPU kernels without their AVX2 versions, as on non-x86 hosts
                        (at run time the same variable only stops the AVX2 kernels being picked;
-                       csrc/cpu/simd.h)
+                       csrc/cpu/simd.h; LGVQ_NO_AVX512=1 at run time keeps the nearest-code
+                       search on its AVX2 kernels on an AVX-512 CPU)
   MAX_JOBS             parallel compile jobs (ninja)
 
 The AVX2 kernels are compiled only for x86-64 with GCC; elsewhere (aarch64 such as GH200, clang)

@@ -4,6 +4,14 @@
 
 namespace LGVQ_ISA {
 
+// Codes per panel of the direct path's transposed codebook (one vector register of float32 in
+// that ISA's micro-kernel: 8 for AVX2 and the baseline, 16 for AVX-512).
+#ifdef LGVQ_PANEL
+constexpr int64_t kPanel = LGVQ_PANEL;
+#else
+constexpr int64_t kPanel = 8;
+#endif
+
 // Running (value, index) minimum with ties to the lower index.
 template <typename T>
 struct Best {
@@ -146,36 +154,36 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
 // Direct micro-kernel path (small D)
 // ---------------------------------------------------------------------------------------------
 
-// kRowGroup rows against all codes; codes_t holds the codebook in panels of kLanes codes,
-// [k_padded / kLanes][dim][kLanes] (k_padded % kLanes == 0), padded codes scored +inf through
-// a_padded. Panels make a step's loads one contiguous run of dim x 32 bytes: the former [dim][K]
-// layout read dim lines K * 4 bytes apart, which alias to one L1 set when K * 4 is a multiple
+// kRowGroup rows against all codes; codes_t holds the codebook in panels of kPanel codes,
+// [k_padded / kPanel][dim][kPanel] (k_padded % kPanel == 0), padded codes scored +inf through
+// a_padded. Panels make a step's loads one contiguous run of dim x kPanel values: the former
+// [dim][K] layout read dim lines K * 4 bytes apart, which alias to one L1 set when K * 4 is a multiple
 // of 4 KiB (measured 2048x2048x32: 17.6 ms vs 4.0 ms at D=16, one thread).
 template <typename T>
 inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, const T* a_padded,
                              T m, int64_t k_padded, Best<T>* best) {
-  T lane_value[kRowGroup][kLanes];
-  int32_t lane_index[kRowGroup][kLanes];
+  T lane_value[kRowGroup][kPanel];
+  int32_t lane_index[kRowGroup][kPanel];
   for (int64_t r = 0; r < kRowGroup; ++r)
-    for (int64_t l = 0; l < kLanes; ++l) {
+    for (int64_t l = 0; l < kPanel; ++l) {
       lane_value[r][l] = std::numeric_limits<T>::infinity();
       lane_index[r][l] = 0;
     }
-  for (int64_t j = 0; j < k_padded; j += kLanes) {
-    T acc[kRowGroup][kLanes] = {};
+  for (int64_t j = 0; j < k_padded; j += kPanel) {
+    T acc[kRowGroup][kPanel] = {};
     for (int64_t d = 0; d < dim; ++d) {
-      const T* c = codes_t + j * dim + d * kLanes;
+      const T* c = codes_t + j * dim + d * kPanel;
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kRowGroup; ++r) {
         const T xv = rows_ptr[r * dim + d];
 #pragma GCC unroll 8
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += xv * c[l];
+        for (int64_t l = 0; l < kPanel; ++l) acc[r][l] += xv * c[l];
       }
     }
 #pragma GCC unroll 4
     for (int64_t r = 0; r < kRowGroup; ++r) {
 #pragma GCC unroll 8
-      for (int64_t l = 0; l < kLanes; ++l) {
+      for (int64_t l = 0; l < kPanel; ++l) {
         const T v = a_padded[j + l] + m * acc[r][l];
         const bool better = v < lane_value[r][l] && v > -std::numeric_limits<T>::infinity();
         lane_value[r][l] = better ? v : lane_value[r][l];
@@ -185,7 +193,7 @@ inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, c
   }
   for (int64_t r = 0; r < kRowGroup; ++r) {
     Best<T> b;
-    for (int64_t l = 0; l < kLanes; ++l) {
+    for (int64_t l = 0; l < kPanel; ++l) {
       if (lane_value[r][l] < std::numeric_limits<T>::infinity()) b.merge(lane_value[r][l], lane_index[r][l]);
     }
     best[r] = b;
@@ -196,15 +204,15 @@ template <typename T>
 void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
                          bool cosine, int64_t* indices, T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  // padded to two panels: the AVX2 micro-kernel takes 16 codes a step
-  const int64_t k_padded = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  // padded to two panels: the AVX2 micro-kernel takes 16 codes a step, the AVX-512 one 32
+  const int64_t k_padded = (k + 2 * kPanel - 1) / (2 * kPanel) * (2 * kPanel);
   // Lane panels of the codebook and padded score offsets: O(K * D), built once per call.
   std::vector<T> codes_t(dim * k_padded, T(0));
   std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
   const T* codes_ptr = codes.data_ptr<T>();
   for (int64_t c = 0; c < k; ++c) {
-    T* panel = codes_t.data() + (c / kLanes) * kLanes * dim + c % kLanes;
-    for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d];
+    T* panel = codes_t.data() + (c / kPanel) * kPanel * dim + c % kPanel;
+    for (int64_t d = 0; d < dim; ++d) panel[d * kPanel] = codes_ptr[c * dim + d];
     a_padded[c] = a[c];
   }
   const T* x_ptr = x.data_ptr<T>();

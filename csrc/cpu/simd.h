@@ -16,7 +16,8 @@
 //                            this way);
 //   LGVQ_NO_AVX2=1           in the environment, read once at the first kernel call: the AVX2
 //                            kernels are compiled but not picked.
-// lgvq_kernels._C.cpu_isa() says which set runs.
+// A third, LGVQ_NO_AVX512=1 in the environment, keeps the nearest-code search on its AVX2
+// kernels on an AVX-512 machine. lgvq_kernels._C.cpu_isa() says which set runs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -62,11 +63,36 @@ inline bool cpu_has_avx2_fma_f16c() {
 #endif
 }
 
-// What the CPU kernels run here: "avx2+fma+f16c", "avx2+fma" (the float32 kernels only) or
+// LGVQ_NO_AVX512 set in the environment (and not "0" or empty) turns the AVX-512 kernels off
+// (the AVX2 ones still run): to test the AVX2 path on an AVX-512 machine.
+inline bool avx512_disabled_by_environment() {
+  const char* value = std::getenv("LGVQ_NO_AVX512");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+// AVX-512 F/DQ/BW/VL on top of AVX2 and FMA (the nearest-code float32 kernels have such
+// versions: MKL's GEMM runs AVX-512 on these CPUs, so an AVX2 search there competes at half the
+// FMA width). __builtin_cpu_supports also checks that the OS saves the AVX-512 state.
+inline bool cpu_has_avx512() {
+#if LGVQ_HAVE_AVX2
+  static const bool has = cpu_has_avx2_fma() && !avx512_disabled_by_environment() &&
+                          __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// What the CPU kernels run here: "avx512+avx2+fma+f16c" (the nearest-code search in AVX-512,
+// the other kernels in AVX2), "avx2+fma+f16c", "avx2+fma" (the float32 kernels only) or
 // "baseline".
 inline const char* cpu_isa() {
-  if (cpu_has_avx2_fma_f16c()) return "avx2+fma+f16c";
-  return cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
+  if (cpu_has_avx2_fma_f16c()) return cpu_has_avx512() ? "avx512+avx2+fma+f16c" : "avx2+fma+f16c";
+  if (cpu_has_avx2_fma()) return cpu_has_avx512() ? "avx512+avx2+fma" : "avx2+fma";
+  return "baseline";
 }
 
 }  // namespace lgvq::cpu_simd

@@ -6,6 +6,10 @@ Bad input on every backend: test_bad_input.py."""
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -345,6 +349,72 @@ def test_duplicate_screen(monkeypatch, screen_max, dtype):
     expected = torch.arange(40)
     expected[[25, 39]] = 3
     assert mapping is not None and torch.equal(mapping, expected)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+@pytest.mark.parametrize("n,d", [(6, 16), (300, 16), (6, 100), (300, 100)])
+def test_overflow_to_minus_inf_is_never_chosen(backend, n, d):
+    # Scores that overflow to -inf among finite ones: x[0] = 3e38 against the even codes
+    # (c[0] = 1) gives -2 x.c = -6e38 -> -inf in float32, the odd codes (c[0] = 0) score finite.
+    # Every kernel path (direct and GEMM tiles, few rows, AVX2 / AVX-512 lanes) must pick the
+    # best finite score: the odd code with the highest x.c (sqnorm given as zeros).
+    g = torch.Generator().manual_seed(n + d)
+    k = 70
+    codebook = torch.randn(k, d, generator=g)
+    codebook[0::2, 0] = 1.0
+    codebook[1::2, 0] = 0.0
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] = 3e38
+    zeros = torch.zeros(k)
+    result = lgvq_kernels.nearest_code(x, codebook, codebook_sqnorm=zeros, backend=backend)
+    odd = codebook[1::2].double()
+    expected = (x.double() @ odd.t()).argmax(1) * 2 + 1
+    assert result.indices.tolist() == expected.tolist()
+
+
+def _native_isa() -> str:
+    try:
+        import lgvq_kernels._C as native
+    except ImportError:
+        return ""
+    return native.cpu_isa() if hasattr(native, "cpu_isa") else ""
+
+
+@pytest.mark.skipif(not _native_isa().startswith("avx512"),
+                    reason="the CPU has no AVX-512 (or the native extension is not built)")
+def test_avx512_search_chooses_as_avx2():
+    # The AVX-512 kernels sum each lane as the AVX2 ones do: the same indices, exactly. The
+    # distances are recomputed from the chosen code by plain C++ that the compiler builds for
+    # each instruction set (measured: 1 ulp apart on a few rows), so they are held to rounding.
+    script = (
+        "import sys, torch, lgvq_kernels._C as C\n"
+        "g = torch.Generator().manual_seed(0); out = {'isa': C.cpu_isa()}\n"
+        "for n, k, d in ((37, 19, 3), (1000, 1000, 32), (513, 1030, 64), (200, 300, 100),\n"
+        "                (600, 2000, 256)):\n"
+        "    x = torch.randn(n, d, generator=g); c = torch.randn(k, d, generator=g)\n"
+        "    x[3, 0] = float('nan'); c[5] = float('inf')\n"
+        "    unit = torch.nn.functional.normalize(c, dim=1)\n"
+        "    out[(n, k, d)] = (torch.ops.lgvq_C.nearest_code(x, c, None, False),\n"
+        "                      torch.ops.lgvq_C.nearest_code(x, unit, None, True))\n"
+        "torch.save(out, sys.argv[1])\n")
+    runs = {}
+    for name, env_value in (("avx512", None), ("avx2", "1")):
+        env = dict(os.environ)
+        env.pop("LGVQ_NO_AVX512", None)
+        if env_value:
+            env["LGVQ_NO_AVX512"] = env_value
+        path = os.path.join(tempfile.mkdtemp(), f"{name}.pt")
+        done = subprocess.run([sys.executable, "-c", script, path], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = torch.load(path)
+    assert runs["avx512"].pop("isa").startswith("avx512")
+    assert runs["avx2"].pop("isa").startswith("avx2")
+    for shape, results in runs["avx512"].items():
+        for metric, (wide, narrow) in zip(("l2", "cosine"), zip(results, runs["avx2"][shape])):
+            assert torch.equal(wide[0], narrow[0]), (shape, metric)
+            torch.testing.assert_close(wide[1], narrow[1], rtol=1e-6, atol=1e-6,
+                                       equal_nan=True, msg=f"{shape} {metric}")
 
 
 def test_native_few_rows_ties_across_code_tiles():
