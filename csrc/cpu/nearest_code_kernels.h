@@ -84,6 +84,22 @@ inline uint64_t row_key(const T* row, int64_t dim) {
   return key;
 }
 
+// |row|^2 in 8 independent partial sums, added up in a fixed order: vectorised without
+// reassociating (a serial sum is not). The AVX2 and AVX-512 builds specialise it for float32
+// with explicit FMAs in more chains (left to itself GCC's AVX-512 build of this loop went to
+// scalar adds and shuffles: 1x16384x256 took 1.6 ms against 0.46 ms for addmm + argmin).
+template <typename T>
+inline T squared_norm(const T* row, int64_t dim) {
+  T lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * row[d + l];
+  T sum = 0;
+  for (; d < dim; ++d) sum += row[d] * row[d];
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
 template <typename T>
 inline T dot(const T* u, const T* v, int64_t n) {
   T s = 0;
@@ -271,15 +287,7 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
         } else if (cosine) {
           a_out[c] = T(0);
         } else {
-          // 8 independent partial sums: vectorised without reassociating (a serial sum is not)
-          T lane[kLanes] = {};
-          int64_t d = 0;
-          for (; d + kLanes <= dim; d += kLanes)
-            for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * row[d + l];
-          T sum = 0;
-          for (; d < dim; ++d) sum += row[d] * row[d];
-          for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
-          a_out[c] = sum;
+          a_out[c] = squared_norm(row, dim);
         }
       }
       at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);

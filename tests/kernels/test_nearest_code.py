@@ -331,24 +331,34 @@ def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split
     assert torch.isnan(distances[5])
 
 
-@pytest.mark.parametrize("screen_max", [4096, 4], ids=["sum_screen", "keys_only"])
+@pytest.mark.parametrize("screen", [4096, 0], ids=["sum_screen", "lookup_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_duplicate_screen(monkeypatch, screen_max, dtype):
-    # Distinct codes: no mapping. Codes with equal row sums that differ (a permutation): the
-    # screen goes on, and maps each to itself. Real duplicates: the lowest index.
-    monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen_max)
-    g = torch.Generator().manual_seed(2)
-    codebook = torch.randn(40, 5, generator=g).to(dtype)
-    assert reference.lowest_duplicate_or_none(codebook) is None
-    codebook[17] = codebook[3].flip(0)  # same sum, same norm, different code
-    mapping = reference.lowest_duplicate_or_none(codebook)
-    assert mapping is None or torch.equal(mapping, torch.arange(40))
-    codebook[25] = codebook[3]
-    codebook[39] = codebook[3]
-    mapping = reference.lowest_duplicate_or_none(codebook)
-    expected = torch.arange(40)
-    expected[[25, 39]] = 3
-    assert mapping is not None and torch.equal(mapping, expected)
+@pytest.mark.parametrize("k", [1, 40, 3000])
+def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, screen, dtype, k):
+    # lowest_duplicate(codebook)[indices] (torch.unique over all rows) against the chosen-codes
+    # lookup: real duplicates (several copies, a later copy chosen), codes sharing the first
+    # value but not the rest, -0.0 against 0.0, NaN codes, repeated and unsorted indices; with
+    # the row-sum screen in front (K <= its limit) and without.
+    monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen)
+    g = torch.Generator().manual_seed(k)
+    codebook = torch.randn(k, 5, generator=g).to(dtype)
+    if k >= 40:
+        codebook[17] = codebook[3]
+        codebook[k - 1] = codebook[3]
+        codebook[25, 0] = codebook[3, 0]  # same first value, different code
+        codebook[30] = codebook[8]
+        codebook[30, 0] = -0.0
+        codebook[8, 0] = 0.0  # 30 equals 8 (-0.0 == 0.0)
+        codebook[33, 1] = float("nan")
+        codebook[34] = codebook[33]  # NaN rows are never equal
+    indices = torch.randint(0, k, (50,), generator=g)
+    if k >= 40:
+        indices[:8] = torch.tensor([k - 1, 17, 3, 25, 30, 34, 33, 17])
+    expected = reference.lowest_duplicate(codebook)[indices]
+    got = reference.lowest_chosen_duplicate(codebook, indices)
+    assert got.tolist() == expected.tolist()
+    if k >= 40:
+        assert got[:8].tolist() == [3, 3, 3, 25, 8, 34, 33, 3]
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
