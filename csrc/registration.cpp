@@ -5,9 +5,11 @@
 TORCH_LIBRARY(lgvq_C, m) {
   // x [N, D] contiguous, codebook [K, D] contiguous (same dtype: float32/float16/bfloat16, and
   // float64 on CPU), codebook_sqnorm [K] float32 (float64 for float64 inputs) or None.
-  // cosine=false: distance = max(|x|^2 - 2 x.c + sqnorm, 0); cosine=true: inputs are unit rows,
-  // sqnorm is ignored, distance = 1 - x.c.  Returns (indices int64 [N], distances [N]):
-  // argmin with ties to the lowest index; non-finite scores never win unless all do (index 0).
+  // cosine=false: distance = max(|x|^2 - 2 x.c + sqnorm, 0); cosine=true: sqnorm is ignored,
+  // on CPU x rows and codes of any norm, distance = 1 - x.c / (max(|x|, 1e-12) max(|c|, 1e-12));
+  // on CUDA unit rows and codes (lgvq_kernels/_backends.py normalises them), distance = 1 - x.c.
+  // Returns (indices int64 [N], distances [N]): argmin with ties to the lowest index;
+  // non-finite scores never win unless all do (index 0).
   m.def("nearest_code(Tensor x, Tensor codebook, Tensor? codebook_sqnorm, bool cosine)"
         " -> (Tensor indices, Tensor distances)");
 

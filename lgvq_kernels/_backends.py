@@ -241,23 +241,26 @@ def _native(op: str) -> Callable:
     return call
 
 
-def _unit_x_for_cosine(x, metric):
+def _unit_for_cosine(x, codebook, metric):
     """The CUDA and Triton nearest-code kernels (Triton interpreted on CPU tensors too) take
-    unit x rows for cosine; the op's contract gives them any norm (the codebook arrives
-    unit-normalised). The C++ CPU kernels divide the chosen similarity by |x| themselves."""
-    return torch.nn.functional.normalize(x, dim=-1) if metric == "cosine" else x
+    unit x rows and unit codes for cosine; the op's contract gives them any norm. The C++ CPU
+    kernels and the reference make no normalised copy: they fold the norms in themselves."""
+    if metric != "cosine":
+        return x, codebook
+    return (torch.nn.functional.normalize(x, dim=-1),
+            torch.nn.functional.normalize(codebook, dim=-1))
 
 
 def _native_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
     # The compiled op takes a cosine flag and has no tf32 mode: it ignores precision.
     if x.device.type != "cpu":
-        x = _unit_x_for_cosine(x, metric)
+        x, codebook = _unit_for_cosine(x, codebook, metric)
     return _native("nearest_code")(x, codebook, codebook_sqnorm, metric == "cosine")
 
 
 def _triton_nearest_code(x, codebook, codebook_sqnorm, metric, precision):
-    return _triton("nearest_code")(_unit_x_for_cosine(x, metric), codebook, codebook_sqnorm,
-                                   metric, precision)
+    x, codebook = _unit_for_cosine(x, codebook, metric)
+    return _triton("nearest_code")(x, codebook, codebook_sqnorm, metric, precision)
 
 
 def _triton(op: str) -> Callable:

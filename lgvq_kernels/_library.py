@@ -26,8 +26,8 @@ from lgvq_kernels._backends import implementation
 def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor], metric: str,
                  precision: str, backend: str) -> tuple[Tensor, Tensor]:
     """x [N, D] contiguous, codebook [K, D] contiguous, same dtype → (indices [N] int64,
-    distances [N] float32, or float64 for float64 inputs). Cosine: the codebook rows are unit,
-    x rows any norm; distance = 1 - x.c / max(|x|, 1e-12)."""
+    distances [N] float32, or float64 for float64 inputs). Cosine: x rows and codes of any
+    norm; distance = 1 - u.v with u = x / max(|x|, 1e-12) and v = c / max(|c|, 1e-12)."""
     indices, distances = implementation("nearest_code", backend)(x, codebook, codebook_sqnorm,
                                                                  metric, precision)
     return indices, distances
@@ -49,6 +49,13 @@ def _nearest_code_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(indices)
 
 
+def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows / max(|rows|, 1e-12), |rows|, max(|rows|, 1e-12)), norms [N, 1]."""
+    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    scale = norm.clamp_min(1e-12)
+    return rows / scale, norm, scale
+
+
 def _nearest_code_backward(ctx, grad_indices, grad_distances):
     # Gradient of the distance at the chosen code (the choice itself is piecewise constant).
     # Plain torch ops, so it runs on every device and is itself differentiable.
@@ -57,14 +64,15 @@ def _nearest_code_backward(ctx, grad_indices, grad_distances):
     g = grad_distances.to(dtype)[:, None]
     xf, chosen = x.to(dtype), codebook.to(dtype).index_select(0, indices)
     grad_sqnorm = None
-    if ctx.metric == "cosine":  # d = 1 - u.c with u = x / max(|x|, eps) and unit codes
-        norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-        scale = norm.clamp_min(1e-12)
-        unit = xf / scale
-        # du/dx: (I - u u^T) / |x| above eps (as F.normalize's backward), I / eps below
-        similarity = (unit * chosen).sum(1, keepdim=True)
-        projected = torch.where(norm > 1e-12, chosen - similarity * unit, chosen)
-        grad_x, grad_chosen = -projected * g / scale, -unit * g
+    if ctx.metric == "cosine":  # d = 1 - u.v, u = x / max(|x|, eps), v = c / max(|c|, eps)
+        unit, x_norm, x_scale = _unit_rows(xf)
+        code, c_norm, c_scale = _unit_rows(chosen)
+        # du/dx: (I - u u^T) / |x| above eps (as F.normalize's backward), I / eps below; the
+        # same for v and c
+        similarity = (unit * code).sum(1, keepdim=True)
+        along_x = torch.where(x_norm > 1e-12, code - similarity * unit, code)
+        along_c = torch.where(c_norm > 1e-12, unit - similarity * code, unit)
+        grad_x, grad_chosen = -along_x * g / x_scale, -along_c * g / c_scale
     elif ctx.has_sqnorm:  # d = |x|^2 - 2 x.c + sqnorm[k]: sqnorm is an independent input
         grad_x, grad_chosen = 2.0 * (xf - chosen) * g, -2.0 * xf * g
         grad_sqnorm = reference.segment_sum(g[:, 0], indices, codebook.shape[0])

@@ -14,7 +14,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lgvq_kernels import _library  # noqa: F401  (registers torch.ops.lgvq.*)
@@ -172,13 +171,13 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     flat = (x if x.dim() == 2 else x.reshape(-1, dim)).to(dtype).contiguous()  # (a reshape
     codes = codebook.to(dtype).contiguous()  # costs ~3 us: skipped where there is none to do)
     if metric == "cosine":  # in float32 (at least): rounding unit rows back to fp16/bf16
-        # would cost ~2^-11 relative error in every similarity. Only the codebook is normalised
-        # here (a K x D pass, what l2's |c|^2 costs): the op ranks -x.c, the order of
-        # -x.c / |x|, and divides the chosen similarity by |x| itself (the CPU kernels in
-        # finish_row, no N x D copy; the GPU backends normalise x first, _backends.py).
+        # would cost ~2^-11 relative error in every similarity. Nothing is normalised here:
+        # the op takes x and codes of any norm (the C++ CPU kernels and the reference fold
+        # the norms into the search, no N x D or K x D copy; the GPU backends normalise
+        # first, _backends.py).
         work = torch.promote_types(dtype, torch.float32)
         flat = flat.to(work)
-        codes = F.normalize(codes.to(work), dim=-1)
+        codes = codes.to(work)
     if codebook_sqnorm is not None:
         codebook_sqnorm = codebook_sqnorm.contiguous()
     op = implementation("nearest_code", resolved) \

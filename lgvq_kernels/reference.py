@@ -116,8 +116,10 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     """x [N, D], codebook [K, D] (same dtype), codebook_sqnorm [K] or None.
 
     l2:     distance = ||x - c||^2 (expanded form, clamped at 0).
-    cosine: the codebook arrives unit-normalised, x need not: the search ranks x.c, highest
-            first (the same order as x.c / |x|) and distance = 1 - x.c / max(|x|, 1e-12) (a zero row: 1).
+    cosine: x and the codebook of any norm; with v = c / max(|c|, 1e-12) the search ranks
+            x.v, highest first (the same order as x.v / |x|) and distance =
+            1 - x.v / max(|x|, 1e-12) (a zero row or code: similarity 0). No normalised copy of
+            x is made, nor of the codebook beyond one code block (see ``_search``).
     Returns (indices int64 [N], distances [N] in the accumulation dtype). Ties go to the lowest
     index; a non-finite score is never chosen unless every score of the row is non-finite, in
     which case index 0 is returned with its (non-finite) distance.
@@ -141,22 +143,25 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     if n == 0:
         return indices, best
     l2 = metric == "l2"
-    offsets = None
+    offsets = inverse = None
     if l2:
         offsets = _squared_norms(cf) if codebook_sqnorm is None else codebook_sqnorm.to(dtype)
+    else:
+        inverse = torch.linalg.vector_norm(cf, dim=1).clamp_min_(1e-12).reciprocal_()
     rows, codes = _block_sizes(n, k)
     # CPU (host reads are free there): one codebook block, one check after the search; a split
     # codebook, one check per block. Elsewhere every block is masked (no host read).
     on_cpu = x.device.type == "cpu"
     defer = on_cpu and codes == k
     with _matmul_precision(precision, x.device):
-        _search(xf, cf, offsets, rows, codes, "never" if defer else
+        _search(xf, cf, offsets, inverse, rows, codes, "never" if defer else
                 ("when_needed" if on_cpu else "always"), indices, best)
         if defer:
             redo = (~torch.isfinite(best)).nonzero().squeeze(1)
             if redo.numel():
                 again_index, again_best = indices[redo], best[redo]
-                _search(xf[redo], cf, offsets, rows, codes, "always", again_index, again_best)
+                _search(xf[redo], cf, offsets, inverse, rows, codes, "always", again_index,
+                        again_best)
                 indices[redo], best[redo] = again_index, again_best
     indices = lowest_chosen_duplicate(cf, indices)
     if l2:
@@ -164,16 +169,28 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     return indices, best.div_(torch.linalg.vector_norm(xf, dim=1).clamp_min_(1e-12)).neg_().add_(1.0)
 
 
-def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, rows: int, codes: int, mask: str,
-            indices: Tensor, best: Tensor) -> None:
-    """The blocked search of ``nearest_code`` into indices and best (l2: the lowest
-    |c|^2 - 2 x.c; cosine: the highest x.c). mask: "always", non-finite scores never chosen (a
-    row of them: index 0) in every block; "when_needed", a block is masked when its chosen
-    scores are not all finite (a host read); "never", the reduction's own choice."""
+def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, inverse: Tensor | None, rows: int,
+            codes: int, mask: str, indices: Tensor, best: Tensor) -> None:
+    """The blocked search of ``nearest_code`` into indices and best (l2, ``offsets`` = |c|^2:
+    the lowest |c|^2 - 2 x.c; cosine, ``inverse`` = 1 / max(|c|, eps): the highest x.v,
+    v = c * inverse). mask: "always", non-finite scores never chosen (a row of them: index 0)
+    in every block; "when_needed", a block is masked when its chosen scores are not all finite
+    (a host read); "never", the reduction's own choice.
+
+    Cosine folds the norms in whichever way costs less: with fewer rows than D each block's
+    scores x.c are scaled by ``inverse`` (N x K multiplies); otherwise each code block is made
+    unit (c * inverse, K x D multiplies per row block, once when the codebook is one block)
+    into a buffer of one block's codes."""
     if mask not in ("always", "when_needed", "never"):
         raise ValueError(f"mask must be 'always', 'when_needed' or 'never', got {mask!r}")
     n, k = xf.shape[0], cf.shape[0]
     l2 = offsets is not None
+    scale_scores = not l2 and n < xf.shape[1]
+    unit = None
+    if not l2 and not scale_scores:
+        unit = torch.empty(min(k, codes), cf.shape[1], dtype=cf.dtype, device=cf.device)
+        if codes >= k:  # one block: made once
+            unit = torch.mul(cf, inverse[:, None], out=unit)
     buffer = torch.empty(min(n, rows) * min(k, codes), dtype=xf.dtype, device=xf.device)
     for start in range(0, n, rows):
         part = xf[start:start + rows]
@@ -184,7 +201,15 @@ def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, rows: int, codes: in
             if l2:
                 torch.addmm(offsets[first:first + codes], part, block.t(), alpha=-2.0,
                             out=scores)
+            elif scale_scores:
+                torch.mm(part, block.t(), out=scores)
+                scores.mul_(inverse[first:first + codes])
             else:
+                if codes < k:
+                    block = torch.mul(block, inverse[first:first + codes, None],
+                                      out=unit[:block.shape[0]])
+                else:
+                    block = unit
                 torch.mm(part, block.t(), out=scores)
             if mask == "always":
                 index = _masked_best(scores, l2)

@@ -1,7 +1,12 @@
 // Nearest-code search on CPU: argmin_k (a[k] + m * x.c_k) without an N x K matrix.
 //
 //   l2:     a[k] = |c_k|^2, m = -2, distance = max(|x|^2 + best, 0)
-//   cosine: a[k] = 0,       m = -1, distance = 1 - x.c_best / max(|x|, 1e-12)  (unit codes)
+//   cosine: a[k] = 0,       m = -1, over unit codes u_k = c_k / max(|c_k|, 1e-12),
+//           distance = 1 - x.u_best / max(|x|, 1e-12)
+//
+// Cosine takes x rows and codes of any norm and makes no normalised copy of either: the unit
+// codes are made where the kernel reads the codes anyway (a GEMM tile just before its GEMM,
+// the direct path's panels), from per-code inverse norms (K values).
 //
 // Two paths, both parallel over blocks of rows (at::parallel_for) and streaming the codebook:
 //  * gemm tiles (D > kDirectMaxDim): per row block, codebook tiles of kTileCodes codes; the cross
@@ -372,7 +377,7 @@ constexpr int64_t kChunkBytes = 16 * 1024;
 // (keep_lower's rule without kFinite) is searched again over all codes with kFinite.
 template <>
 void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, const float* a,
-                                float m, bool cosine, int64_t* indices, float* distances) {
+                                float m, const float* inv, int64_t* indices, float* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
   const int64_t k_padded = (k + 2 * kWide - 1) / (2 * kWide) * (2 * kWide);
   std::vector<float> codes_t(dim * k_padded, 0.0f);
@@ -380,7 +385,11 @@ void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, co
   const float* codes_ptr = codes.data_ptr<float>();
   for (int64_t c = 0; c < k; ++c) {
     float* panel = codes_t.data() + (c / kWide) * kWide * dim + c % kWide;
-    for (int64_t d = 0; d < dim; ++d) panel[d * kWide] = codes_ptr[c * dim + d];
+    if (inv != nullptr) {  // cosine: the unit code, rounded as the generic path rounds it
+      for (int64_t d = 0; d < dim; ++d) panel[d * kWide] = codes_ptr[c * dim + d] * inv[c];
+    } else {
+      for (int64_t d = 0; d < dim; ++d) panel[d * kWide] = codes_ptr[c * dim + d];
+    }
     a_padded[c] = a[c];
   }
   const int64_t chunk = std::max<int64_t>(2 * kWide, kChunkBytes / (dim * 4) / (2 * kWide) *
@@ -424,7 +433,7 @@ void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, co
         finish_group(state[g], rows, best);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = row0 + r;
-          finish_row<float>(x_ptr + row * dim, codes_ptr, a, m, dim, cosine, best[r],
+          finish_row<float>(x_ptr + row * dim, codes_ptr, a, m, dim, inv, best[r],
                             indices + row, distances + row);
         }
       }
@@ -558,15 +567,23 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
     // AVX2 build of the kernel bodies serves float64 too: the compiler vectorises it).
     [[maybe_unused]] const bool wide = std::is_same_v<scalar_t, float> && cpu_has_avx512();
     if (few_rows) {
-      std::vector<scalar_t> a(k);
+      std::vector<scalar_t> a(k), inv(cosine ? k : 0);
       const auto search = LGVQ_PICK_ISA(true, cpu_has_avx2_fma,
                                         (wide ? &avx512::nearest_code_few_rows<scalar_t>
                                               : &avx2::nearest_code_few_rows<scalar_t>),
                                         &baseline::nearest_code_few_rows<scalar_t>);
-      search(xc, cc, given.defined() ? given.data_ptr<scalar_t>() : nullptr, m, cosine,
-             keys.data(), a.data(), index_ptr, distance_ptr);
+      search(xc, cc, given.defined() ? given.data_ptr<scalar_t>() : nullptr, m,
+             cosine ? inv.data() : nullptr, keys.data(), a.data(), index_ptr, distance_ptr);
     } else {
       at::Tensor a = cosine ? at::zeros({k}, cc.options()) : given.defined() ? given : (cc * cc).sum(1);
+      std::vector<scalar_t> inv(cosine ? k : 0);
+      if (cosine) {
+        const auto norms = LGVQ_PICK_ISA(true, cpu_has_avx2_fma,
+                                         (wide ? &avx512::inverse_norms<scalar_t>
+                                               : &avx2::inverse_norms<scalar_t>),
+                                         &baseline::inverse_norms<scalar_t>);
+        norms(codes_ptr, k, dim, inv.data());
+      }
       code_keys(codes_ptr, k, dim, keys.data());
       const auto search =
           dim <= kDirectMaxDim
@@ -578,7 +595,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
                               (wide ? &avx512::nearest_code_gemm<scalar_t>
                                     : &avx2::nearest_code_gemm<scalar_t>),
                               &baseline::nearest_code_gemm<scalar_t>);
-      search(xc, cc, a.data_ptr<scalar_t>(), m, cosine, index_ptr, distance_ptr);
+      search(xc, cc, a.data_ptr<scalar_t>(), m, cosine ? inv.data() : nullptr, index_ptr,
+             distance_ptr);
     }
     remap_to_lowest_duplicate(codes_ptr, keys.data(), k, dim, index_ptr, n);
   });

@@ -107,17 +107,50 @@ inline T dot(const T* u, const T* v, int64_t n) {
   return s;
 }
 
+// Cosine takes codes of any norm: the search reads unit codes c * inv, inv = 1 / max(|c|,
+// 1e-12) (F.normalize's clamp), made a tile, a panel or a row at a time where the kernel reads
+// the codes anyway, never as a K x D copy. A code with an infinite or NaN entry gets a NaN unit
+// code (inv is 0 or NaN), whose scores are never chosen, as after F.normalize.
+template <typename T>
+inline T inverse_norm(const T* row, int64_t dim) {
+  return T(1) / std::max(std::sqrt(squared_norm(row, dim)), T(1e-12));
+}
+
+template <typename T>
+inline void unit_rows(const T* rows, const T* inv, int64_t count, int64_t dim, T* out) {
+  for (int64_t c = 0; c < count; ++c)
+    for (int64_t d = 0; d < dim; ++d) out[c * dim + d] = rows[c * dim + d] * inv[c];
+}
+
+// inverse_norm of every code, in parallel (the ISA's squared_norm: the few-rows path's values).
+template <typename T>
+void inverse_norms(const T* codes, int64_t k, int64_t dim, T* inv) {
+  at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) inv[c] = inverse_norm(codes + c * dim, dim);
+  });
+}
+
+// x.(c * inv), the unit code's elements rounded as the search's tiles and panels hold them.
+template <typename T>
+inline T unit_dot(const T* u, const T* code, T inv, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += u[i] * (code[i] * inv);
+  return s;
+}
+
 // Writes the final distance of each row given its best score.
 template <typename T>
-inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t dim, bool cosine,
+inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t dim, const T* inv,
                        const Best<T>& best, int64_t* index_out, T* distance_out) {
   *index_out = best.index;
-  if (cosine) {
-    // Unit codes, x rows of any norm: the search ranked -x.c (the order of -x.c / |x|); the
-    // distance divides the chosen similarity by |x| (clamped at 1e-12, as F.normalize), so no
-    // normalised copy of x is ever made. Every score non-finite: best.index is 0, code 0.
+  if (inv != nullptr) {
+    // Cosine, x rows of any norm: the search ranked -x.u over unit codes u (the order of
+    // -x.u / |x|); the distance divides the chosen similarity by |x| (clamped at 1e-12, as
+    // F.normalize), so no normalised copy of x is ever made. Every score non-finite:
+    // best.index is 0, code 0.
     const T norm = std::sqrt(dot(xrow, xrow, dim));
-    *distance_out = T(1) - dot(xrow, codes + best.index * dim, dim) / std::max(norm, T(1e-12));
+    *distance_out = T(1) - unit_dot(xrow, codes + best.index * dim, inv[best.index], dim) /
+                               std::max(norm, T(1e-12));
     return;
   }
   T score = best.value;
@@ -134,7 +167,7 @@ inline void finish_row(const T* xrow, const T* codes, const T* a, T m, int64_t d
 // GEMM-tile path
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a, T m, bool cosine,
+void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a, T m, const T* inv,
                        int64_t* indices, T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
   const T* x_ptr = x.data_ptr<T>();
@@ -142,6 +175,9 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   dynamic_blocks(blocks, [&](const auto& next_block) {
     std::vector<T> scratch(kBlockRows * std::min(k, kTileCodes));
+    // cosine: the tile's unit codes, made before its GEMM (tile x D work against the GEMM's
+    // 2 x 256 x tile x D: ~0.2%)
+    std::vector<T> unit(inv != nullptr ? std::min(k, kTileCodes) * dim : 0);
     std::vector<Best<T>> best(kBlockRows);
     const auto options = x.options();
     for (int64_t block; (block = next_block()) >= 0;) {
@@ -152,14 +188,19 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
       for (int64_t code0 = 0; code0 < k; code0 += kTileCodes) {
         const int64_t tile = std::min(kTileCodes, k - code0);
         at::Tensor out = at::from_blob(scratch.data(), {rows, tile}, options);
-        at::mm_out(out, x_block, codes.narrow(0, code0, tile).t());
+        if (inv != nullptr) {
+          unit_rows(codes_ptr + code0 * dim, inv + code0, tile, dim, unit.data());
+          at::mm_out(out, x_block, at::from_blob(unit.data(), {tile, dim}, options).t());
+        } else {
+          at::mm_out(out, x_block, codes.narrow(0, code0, tile).t());
+        }
         for (int64_t r = 0; r < rows; ++r) {
           scan_scores<T>(scratch.data() + r * tile, a + code0, m, tile, code0, best[r]);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = row0 + r;
-        finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, cosine, best[r], indices + row,
+        finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, inv, best[r], indices + row,
                       distances + row);
       }
     }
@@ -218,17 +259,20 @@ inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, c
 
 template <typename T>
 void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
-                         bool cosine, int64_t* indices, T* distances) {
+                         const T* inv, int64_t* indices, T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
   // padded to two panels: the AVX2 micro-kernel takes 16 codes a step, the AVX-512 one 32
   const int64_t k_padded = (k + 2 * kPanel - 1) / (2 * kPanel) * (2 * kPanel);
-  // Lane panels of the codebook and padded score offsets: O(K * D), built once per call.
+  // Lane panels of the codebook (cosine: of the unit codes) and padded score offsets:
+  // O(K * D), built once per call.
   std::vector<T> codes_t(dim * k_padded, T(0));
   std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
   const T* codes_ptr = codes.data_ptr<T>();
   for (int64_t c = 0; c < k; ++c) {
     T* panel = codes_t.data() + (c / kPanel) * kPanel * dim + c % kPanel;
-    for (int64_t d = 0; d < dim; ++d) panel[d * kPanel] = codes_ptr[c * dim + d];
+    const T scale = inv != nullptr ? inv[c] : T(1);
+    for (int64_t d = 0; d < dim; ++d)
+      panel[d * kPanel] = inv != nullptr ? codes_ptr[c * dim + d] * scale : codes_ptr[c * dim + d];
     a_padded[c] = a[c];
   }
   const T* x_ptr = x.data_ptr<T>();
@@ -250,7 +294,7 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
         direct_row_group<T>(rows_ptr, dim, codes_t.data(), a_padded.data(), m, k_padded, best);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = row0 + r;
-          finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, cosine, best[r], indices + row,
+          finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, inv, best[r], indices + row,
                         distances + row);
         }
       }
@@ -267,7 +311,7 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T* given_a,
-                           T m, bool cosine, uint64_t* keys, T* a_out, int64_t* indices,
+                           T m, T* inv_out, uint64_t* keys, T* a_out, int64_t* indices,
                            T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
   const T* codes_ptr = codes.data_ptr<T>();
@@ -275,6 +319,7 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
   std::vector<Best<T>> tile_best(tiles * n);
   dynamic_blocks(tiles, [&](const auto& next_block) {
     std::vector<T> scratch(n * std::min(k, kFewRowsTileCodes));
+    std::vector<T> unit(inv_out != nullptr ? std::min(k, kFewRowsTileCodes) * dim : 0);
     const auto options = x.options();
     for (int64_t t; (t = next_block()) >= 0;) {
       const int64_t code0 = t * kFewRowsTileCodes;
@@ -282,16 +327,22 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
       for (int64_t c = code0; c < code0 + count; ++c) {
         const T* row = codes_ptr + c * dim;
         keys[c] = row_key(row, dim);
-        if (given_a != nullptr) {
-          a_out[c] = given_a[c];
-        } else if (cosine) {
+        if (inv_out != nullptr) {  // cosine (given_a is never passed)
           a_out[c] = T(0);
+          inv_out[c] = inverse_norm(row, dim);
+        } else if (given_a != nullptr) {
+          a_out[c] = given_a[c];
         } else {
           a_out[c] = squared_norm(row, dim);
         }
       }
       at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
-      at::mm_out(out, x, codes.narrow(0, code0, count).t());
+      if (inv_out != nullptr) {  // the tile's unit codes, from cache
+        unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
+        at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
+      } else {
+        at::mm_out(out, x, codes.narrow(0, code0, count).t());
+      }
       for (int64_t r = 0; r < n; ++r)
         scan_scores<T>(scratch.data() + r * count, a_out + code0, m, count, code0, tile_best[t * n + r]);
     }
@@ -302,7 +353,7 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
       const Best<T>& b = tile_best[t * n + r];
       if (b.value < merged.value) merged = b;  // strict: the earlier tile keeps a tie
     }
-    finish_row<T>(x.data_ptr<T>() + r * dim, codes_ptr, a_out, m, dim, cosine, merged,
+    finish_row<T>(x.data_ptr<T>() + r * dim, codes_ptr, a_out, m, dim, inv_out, merged,
                   indices + r, distances + r);
   }
 }

@@ -305,7 +305,7 @@ def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split
         monkeypatch.setattr(reference, "MIN_BLOCK_ROWS", 5)
     g = torch.Generator().manual_seed(11)
     codebook = torch.randn(37, 6, generator=g, dtype=torch.float64)
-    if metric == "cosine":  # the reference takes a unit codebook (the public op's job)
+    if metric == "cosine":  # unit codes (any norm is taken; these keep the case small)
         codebook = torch.nn.functional.normalize(codebook, dim=1)
     codebook[30] = codebook[4]
     codebook[7, 1] = float("nan")
@@ -457,6 +457,48 @@ def test_cosine_rows_of_any_norm(backend, d):
     assert torch.equal(result.indices, unit.indices)
     torch.testing.assert_close(result.distances, unit.distances, atol=1e-6, rtol=0)
     assert_matches_oracle(scaled, codebook, "cosine", result.indices, result.distances)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+@pytest.mark.parametrize("n, d", [(40, 8), (300, 8), (40, 130), (300, 130), (5, 40)])
+@pytest.mark.parametrize("split", [False, True], ids=["one_block", "split_codebook"])
+def test_cosine_codes_of_any_norm(monkeypatch, backend, n, d, split):
+    # No normalised copy of the codebook is made (the norms are folded into the search): codes
+    # scaled from 1e-10 to 1e15 choose what their unit versions choose, at the oracle's
+    # distances. Shapes: the direct path and the GEMM tiles (few rows and row blocks) of the
+    # native kernel; the reference's scaled scores (N < D) and unit code blocks (N >= D), in
+    # one block or a split codebook.
+    if split:
+        monkeypatch.setattr(reference, "CHUNK_SCORES", 40 * 7)
+        monkeypatch.setattr(reference, "MIN_BLOCK_ROWS", 7)
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g)
+    unit = torch.nn.functional.normalize(torch.randn(333, d, generator=g), dim=-1)
+    scaled = unit * torch.logspace(-10, 15, 333)[torch.randperm(333, generator=g)][:, None]
+    result = lgvq_kernels.nearest_code(x, scaled, metric="cosine", backend=backend)
+    expected = lgvq_kernels.nearest_code(x, unit, metric="cosine", backend=backend)
+    assert_matches_oracle(x, scaled, "cosine", result.indices, result.distances)
+    clear = clear_rows(x, unit, "cosine", 1e-4)
+    assert torch.equal(result.indices[clear], expected.indices[clear])
+    torch.testing.assert_close(result.distances, expected.distances, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+@pytest.mark.parametrize("d", [8, 130])
+def test_cosine_zero_and_non_finite_codes(backend, d):
+    # A zero code has similarity 0 with every row (distance 1); a code with an infinite or NaN
+    # entry is never chosen (its unit code is NaN, as after F.normalize), though its direction
+    # would be row 0's and row 1's best.
+    e = torch.eye(d)
+    x = e[:3] * torch.tensor([[1.0], [1e-6], [1e6]])
+    inf_code, nan_code = e[0].clone(), e[1].clone()
+    inf_code[0], nan_code[1] = float("inf"), float("nan")
+    codebook = torch.stack([-(e[0] + e[1]), torch.zeros(d), 1e3 * (e[2] - 0.1 * e[0] - 0.1 * e[1]),
+                            inf_code, nan_code])
+    result = lgvq_kernels.nearest_code(x, codebook, metric="cosine", backend=backend)
+    assert result.indices.tolist() == [1, 1, 2]  # rows 0, 1: the zero code beats -(e0 + e1)
+    expected = torch.tensor([1.0, 1.0, 1.0 - 1.0 / 1.02 ** 0.5])
+    torch.testing.assert_close(result.distances, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
@@ -680,12 +722,15 @@ def clear_rows(x, codebook, metric, gap=1e-3):
 
 def launcher_reference(x, codebook, codebook_sqnorm, metric):
     """The reference backend's answer in the launcher's terms: the launcher takes the unit x
-    rows the public op hands it as they are (cosine distance 1 - x.c); the reference, like the
-    op, divides the similarity by |x|, which rounding unit rows to fp16/bf16 moves off 1."""
+    rows and codes the public op hands it as they are (cosine distance 1 - x.c); the
+    reference, like the op, divides the similarity by |x| and |c|, which rounding unit rows
+    to fp16/bf16 moves off 1."""
     indices, distances = reference.nearest_code(x, codebook, codebook_sqnorm, metric, "ieee")
     if metric == "cosine" and x.shape[0]:
-        norms = torch.linalg.vector_norm(x.to(distances.dtype), dim=1).clamp_min(1e-12)
-        distances = 1.0 - (1.0 - distances) * norms
+        def norms(rows):
+            return torch.linalg.vector_norm(rows.to(distances.dtype), dim=1).clamp_min(1e-12)
+
+        distances = 1.0 - (1.0 - distances) * norms(x) * norms(codebook)[indices]
     return indices, distances
 
 
