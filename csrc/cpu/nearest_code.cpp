@@ -88,7 +88,7 @@ namespace avx2 {
 
 // |row|^2 for float32 in 4 x 8 partial sums of FMAs, added up in a fixed order: one 8-lane
 // chain waited on the FMA latency (4 cycles per 8 values; ~0.4 ms of the 1x16384x256 search on
-// 2 threads). The same code in the AVX2 and AVX-512 builds, so both give the same |c|^2.
+// 2 threads). The AVX-512 build calls this one, so both give the same |c|^2.
 template <>
 inline float squared_norm<float>(const float* row, int64_t dim) {
   __m256 lane[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
@@ -233,30 +233,11 @@ inline void scan_scores<float>(const float* dots, const float* a, float m, int64
 namespace avx512 {
 constexpr int64_t kWide = 16;  // float32 lanes of one register
 
-// |row|^2 for float32 in 4 x 8 partial sums of FMAs, added up in a fixed order: one 8-lane
-// chain waited on the FMA latency (4 cycles per 8 values; ~0.4 ms of the 1x16384x256 search on
-// 2 threads). The same code in the AVX2 and AVX-512 builds, so both give the same |c|^2.
+// |row|^2 for float32: the AVX2 build's code (an AVX2 function inlines into an AVX-512 one),
+// so both builds give the same |c|^2 and the same unit codes.
 template <>
 inline float squared_norm<float>(const float* row, int64_t dim) {
-  __m256 lane[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                    _mm256_setzero_ps()};
-  int64_t d = 0;
-  for (; d + 4 * kLanes <= dim; d += 4 * kLanes)
-    for (int h = 0; h < 4; ++h) {
-      const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
-      lane[h] = _mm256_fmadd_ps(v, v, lane[h]);
-    }
-  for (; d + kLanes <= dim; d += kLanes) {
-    const __m256 v = _mm256_loadu_ps(row + d);
-    lane[0] = _mm256_fmadd_ps(v, v, lane[0]);
-  }
-  float sum = 0;
-  for (; d < dim; ++d) sum = std::fma(row[d], row[d], sum);
-  alignas(32) float part[4][kLanes];
-  for (int h = 0; h < 4; ++h) _mm256_store_ps(part[h], lane[h]);
-  for (int h = 0; h < 4; ++h)
-    for (int64_t l = 0; l < kLanes; ++l) sum += part[h][l];
-  return sum;
+  return avx2::squared_norm<float>(row, dim);
 }
 
 // v replaces the lanes of (value, index) where it is strictly lower (NaN never is; +inf never
