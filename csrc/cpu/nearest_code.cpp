@@ -6,7 +6,8 @@
 //
 // Cosine takes x rows and codes of any norm and makes no normalised copy of either: the unit
 // codes are made where the kernel reads the codes anyway (a GEMM tile just before its GEMM,
-// the direct path's panels), from per-code inverse norms (K values).
+// the direct path's panels), from per-code inverse norms (K values); with fewer rows than D
+// the few-rows path scales each tile's scores x.c by 1/|c| instead.
 //
 // Two paths, both parallel over blocks of rows (at::parallel_for) and streaming the codebook:
 //  * gemm tiles (D > kDirectMaxDim): per row block, codebook tiles of kTileCodes codes; the cross

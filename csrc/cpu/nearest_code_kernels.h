@@ -319,7 +319,11 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
   std::vector<Best<T>> tile_best(tiles * n);
   dynamic_blocks(tiles, [&](const auto& next_block) {
     std::vector<T> scratch(n * std::min(k, kFewRowsTileCodes));
-    std::vector<T> unit(inv_out != nullptr ? std::min(k, kFewRowsTileCodes) * dim : 0);
+    // cosine: with fewer rows than D the tile's scores x.c are scaled by 1/|c| (n x count
+    // multiplies), otherwise its unit codes are made before the GEMM (count x D)
+    const bool scale_scores = n < dim;
+    std::vector<T> unit(inv_out != nullptr && !scale_scores
+                            ? std::min(k, kFewRowsTileCodes) * dim : 0);
     const auto options = x.options();
     for (int64_t t; (t = next_block()) >= 0;) {
       const int64_t code0 = t * kFewRowsTileCodes;
@@ -337,11 +341,15 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
         }
       }
       at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
-      if (inv_out != nullptr) {  // the tile's unit codes, from cache
+      if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
         unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
         at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
       } else {
         at::mm_out(out, x, codes.narrow(0, code0, count).t());
+        if (inv_out != nullptr) {
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < count; ++j) scratch[r * count + j] *= inv_out[code0 + j];
+        }
       }
       for (int64_t r = 0; r < n; ++r)
         scan_scores<T>(scratch.data() + r * count, a_out + code0, m, count, code0, tile_best[t * n + r]);

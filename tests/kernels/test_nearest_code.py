@@ -460,13 +460,13 @@ def test_cosine_rows_of_any_norm(backend, d):
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
-@pytest.mark.parametrize("n, d", [(40, 8), (300, 8), (40, 130), (300, 130), (5, 40)])
+@pytest.mark.parametrize("n, d", [(40, 8), (300, 8), (40, 130), (100, 80), (300, 130), (5, 40)])
 @pytest.mark.parametrize("split", [False, True], ids=["one_block", "split_codebook"])
 def test_cosine_codes_of_any_norm(monkeypatch, backend, n, d, split):
     # No normalised copy of the codebook is made (the norms are folded into the search): codes
     # scaled from 1e-10 to 1e15 choose what their unit versions choose, at the oracle's
-    # distances. Shapes: the direct path and the GEMM tiles (few rows and row blocks) of the
-    # native kernel; the reference's scaled scores (N < D) and unit code blocks (N >= D), in
+    # distances. Shapes: the direct path and the GEMM tiles (few rows, with scaled scores
+    # (N < D) or unit tiles, and row blocks) of the native kernel; the reference's scaled scores (N < D) and unit code blocks (N >= D), in
     # one block or a split codebook.
     if split:
         monkeypatch.setattr(reference, "CHUNK_SCORES", 40 * 7)
