@@ -55,6 +55,8 @@ using namespace cpu_simd;  // AVX2 feature checks and helpers
 constexpr int64_t kLanes = 8;            // one AVX2 register of float32
 constexpr int64_t kRowGroup = 4;         // rows per micro-kernel step (registers: 3 x 4 vectors)
 constexpr int64_t kDirectMaxDim = 64;    // D at or below this uses the direct micro-kernel
+constexpr int64_t kAvx2DirectMaxDim = 1024;  // float32 with AVX2 only: the direct kernel up to
+constexpr int64_t kAvx2DirectMaxPanelBytes = int64_t(32) << 20;  // this D and this panel size
 constexpr int64_t kBlockRows = 256;      // rows per GEMM-path task
 constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 B = 1 MiB scratch)
 constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
@@ -133,55 +135,169 @@ inline void merge_lanes(__m256 value, __m256i index, Best<float>& b) {
       b.merge(lane_value[l], lane_index[l]);
 }
 
-// float32 specialisation of the micro-kernel with intrinsics: GCC does not keep the generic
-// version's accumulators in registers for a run-time D (measured 5 GFLOP/s at D=8). Each step
-// takes 4 rows x 16 codes (two lane panels): 8 FMAs per 2 code loads and 4 broadcasts, so the
-// FMA units rather than the load ports set the pace (4 x 8 was load-bound: 1024x1024x64 ran
-// at ~1.3 FMA/cycle vs ~2 for the BLAS GEMM). k_padded is a multiple of 16.
-template <>
-inline void direct_row_group<float>(const float* rows_ptr, int64_t dim, const float* codes_t,
-                                    const float* a_padded, float m, int64_t k_padded,
-                                    Best<float>* best) {
-  static_assert(kRowGroup == 4 && kLanes == 8, "the AVX2 micro-kernel is written for 4 x 8");
-  __m256 best_value[8], acc[8];
-  __m256i best_index[8];
-  for (int r = 0; r < 8; ++r) {
-    best_value[r] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    best_index[r] = _mm256_setzero_si256();
+// The direct path for float32 with AVX2 (D <= kDirectMaxDim): a register-blocked micro-kernel
+// over lane panels of the codebook, kAvx2Rows = 6 rows x 16 codes (two 8-code panels) a step:
+// 12 accumulators (three times the FMA latency x ports, so no chain waits) for 2 code loads and
+// 6 broadcasts per d, the 15 registers of the BLIS Haswell kernel. The running minima live in
+// memory (Avx2GroupState, L1), and a step's scores are folded lazily: one FMA and one compare
+// per accumulator, OR-ed together; only when some lane improved does the step blend and store
+// (after the first few chunks of codes that is a small share of steps). The former kernel (4 rows
+// x 16 codes, minima in registers: 8 accumulators + 16 minima do not fit 16 registers, and it
+// blended every step) ran 2048x2048x32 at 4.0 ms on the 2-core EPYC against MKL's bare GEMM at
+// 3.0 ms. Each lane sums over d in ascending order with FMAs from zero, then a + m * dot: the
+// scores the AVX-512 kernel computes, bit for bit.
+constexpr int64_t kAvx2Rows = 6;                      // rows per step
+constexpr int64_t kAvx2BlockRows = 10 * kAvx2Rows;    // rows per task: 10 row groups
+constexpr int64_t kAvx2ChunkBytes = 16 * 1024;        // code panels one chunk holds (L1)
+
+struct Avx2GroupState {
+  float value[kAvx2Rows * 2][kLanes];
+  int32_t index[kAvx2Rows * 2][kLanes];
+  void reset() {
+    std::fill_n(&value[0][0], kAvx2Rows * 2 * kLanes, std::numeric_limits<float>::infinity());
+    std::fill_n(&index[0][0], kAvx2Rows * 2 * kLanes, 0);
   }
+  bool any_minus_inf() const {
+    const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 seen = _mm256_setzero_ps();
+    for (int s = 0; s < kAvx2Rows * 2; ++s)
+      seen = _mm256_or_ps(seen, _mm256_cmp_ps(_mm256_loadu_ps(value[s]), minus_inf, _CMP_EQ_OQ));
+    return _mm256_movemask_ps(seen) != 0;
+  }
+};
+
+// Codes [j0, j1) (multiples of 16) folded into s for one group of kAvx2Rows rows. A lane takes
+// a score strictly below its minimum (NaN never; +inf never beats the +inf start); kFinite: and
+// above -inf. Without kFinite a lane may take -inf and keep it, so the caller looks for -inf in
+// the final minima and redoes the group with kFinite (an -inf score needs an infinite input).
+template <bool kFinite>
+inline void group_chunk(const float* packed_rows, int64_t dim, const float* codes_t,
+                        const float* a_padded, float m, int64_t j0, int64_t j1,
+                        Avx2GroupState& s) {
   const __m256 mv = _mm256_set1_ps(m);
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256i step = _mm256_set1_epi32(2 * kLanes);
-  __m256i code_index[2] = {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                           _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)};
-  for (int64_t j = 0; j < k_padded; j += 2 * kLanes) {
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = j0; j < j1; j += 2 * kLanes) {
+    __m256 acc[kAvx2Rows * 2];
+    for (int r = 0; r < kAvx2Rows * 2; ++r) acc[r] = _mm256_setzero_ps();
     const float* panel0 = codes_t + j * dim;
     const float* panel1 = panel0 + kLanes * dim;
-    for (int64_t d = 0; d < dim; ++d) {
+    const float* xd = packed_rows;
+    for (int64_t d = 0; d < dim; ++d, xd += kAvx2Rows) {
       const __m256 c0 = _mm256_loadu_ps(panel0 + d * kLanes);
       const __m256 c1 = _mm256_loadu_ps(panel1 + d * kLanes);
-      for (int r = 0; r < 4; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(rows_ptr + r * dim + d);
+      for (int r = 0; r < kAvx2Rows; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(xd + r);
         acc[2 * r] = _mm256_fmadd_ps(xv, c0, acc[2 * r]);
         acc[2 * r + 1] = _mm256_fmadd_ps(xv, c1, acc[2 * r + 1]);
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const __m256 av = _mm256_loadu_ps(a_padded + j + h * kLanes);
-      for (int r = 0; r < 4; ++r) {
-        const int slot = 2 * r + h;
-        keep_lower(_mm256_fmadd_ps(mv, acc[slot], av), code_index[h], minus_inf,
-                   best_value[slot], best_index[slot]);
-      }
-      code_index[h] = _mm256_add_epi32(code_index[h], step);
+    const __m256 a0 = _mm256_loadu_ps(a_padded + j), a1 = _mm256_loadu_ps(a_padded + j + kLanes);
+    __m256 any = _mm256_setzero_ps();
+    for (int slot = 0; slot < kAvx2Rows * 2; ++slot) {
+      acc[slot] = _mm256_fmadd_ps(mv, acc[slot], slot % 2 == 0 ? a0 : a1);
+      __m256 lower = _mm256_cmp_ps(acc[slot], _mm256_loadu_ps(s.value[slot]), _CMP_LT_OQ);
+      if constexpr (kFinite)
+        lower = _mm256_and_ps(lower, _mm256_cmp_ps(acc[slot], minus_inf, _CMP_GT_OQ));
+      any = _mm256_or_ps(any, lower);
+    }
+    if (_mm256_testz_ps(any, any)) continue;  // no lane improved: the common case
+    for (int slot = 0; slot < kAvx2Rows * 2; ++slot) {
+      const __m256 old = _mm256_loadu_ps(s.value[slot]);
+      __m256 lower = _mm256_cmp_ps(acc[slot], old, _CMP_LT_OQ);
+      if constexpr (kFinite)
+        lower = _mm256_and_ps(lower, _mm256_cmp_ps(acc[slot], minus_inf, _CMP_GT_OQ));
+      const __m256i code = _mm256_add_epi32(
+          iota, _mm256_set1_epi32(static_cast<int32_t>(j + (slot % 2) * kLanes)));
+      _mm256_storeu_ps(s.value[slot], _mm256_blendv_ps(old, acc[slot], lower));
+      const __m256i old_index = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.index[slot]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.index[slot]),
+                          _mm256_blendv_epi8(old_index, code, _mm256_castps_si256(lower)));
     }
   }
-  for (int r = 0; r < 4; ++r) {
-    Best<float> b;
-    for (int h = 0; h < 2; ++h) merge_lanes(best_value[2 * r + h], best_index[2 * r + h], b);
-    best[r] = b;
+}
+
+template <>
+void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, const float* a,
+                                float m, const float* inv, int64_t* indices, float* distances) {
+  static_assert(kPanel == kLanes, "the AVX2 micro-kernel reads 8-code panels");
+  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
+  const int64_t k_padded = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+  // lane panels [k_padded / 8][dim][8] of the codebook (cosine: of the unit codes), padded
+  // codes scored +inf through a_padded; O(K * D), built once per call
+  std::vector<float> codes_t(dim * k_padded, 0.0f);
+  std::vector<float> a_padded(k_padded, std::numeric_limits<float>::infinity());
+  const float* codes_ptr = codes.data_ptr<float>();
+  for (int64_t c = 0; c < k; ++c) {
+    float* panel = codes_t.data() + (c / kLanes) * kLanes * dim + c % kLanes;
+    if (inv != nullptr) {  // cosine: the unit code, rounded as the generic path rounds it
+      for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d] * inv[c];
+    } else {
+      for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d];
+    }
+    a_padded[c] = a[c];
   }
+  const int64_t chunk = std::max<int64_t>(2 * kLanes, kAvx2ChunkBytes / (dim * 4) /
+                                                          (2 * kLanes) * (2 * kLanes));
+  constexpr int64_t kGroups = kAvx2BlockRows / kAvx2Rows;
+  const float* x_ptr = x.data_ptr<float>();
+  // rows per task: at most kAvx2BlockRows, fewer when that leaves under 4 tasks per thread
+  // (300 rows in blocks of 60 are 5 tasks, 3 on one thread and 2 on the other)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block_rows = std::clamp<int64_t>(
+      ((n + 4 * threads - 1) / (4 * threads) + kAvx2Rows - 1) / kAvx2Rows * kAvx2Rows, kAvx2Rows,
+      kAvx2BlockRows);
+  const int64_t blocks = (n + block_rows - 1) / block_rows;
+  dynamic_blocks(blocks, [&](const auto& next_block) {
+    std::vector<float> packed(kAvx2BlockRows * dim);
+    std::vector<Avx2GroupState> state(kGroups);
+    for (int64_t block; (block = next_block()) >= 0;) {
+      const int64_t row_begin = block * block_rows;
+      const int64_t row_end = std::min(n, row_begin + block_rows);
+      const int64_t groups = (row_end - row_begin + kAvx2Rows - 1) / kAvx2Rows;
+      // each group's rows interleaved, [dim][kAvx2Rows], so a step's 6 broadcasts read one
+      // run of 24 bytes through one pointer; a short last group repeats its first row
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t row0 = row_begin + g * kAvx2Rows;
+        const int64_t rows = std::min(kAvx2Rows, row_end - row0);
+        float* out = packed.data() + g * kAvx2Rows * dim;
+        for (int64_t r = 0; r < kAvx2Rows; ++r) {
+          const float* row = x_ptr + (row0 + (r < rows ? r : 0)) * dim;
+          for (int64_t d = 0; d < dim; ++d) out[d * kAvx2Rows + r] = row[d];
+        }
+      }
+      const auto group_rows = [&](int64_t g) -> const float* {
+        return packed.data() + g * kAvx2Rows * dim;
+      };
+      for (int64_t g = 0; g < groups; ++g) state[g].reset();
+      for (int64_t j0 = 0; j0 < k_padded; j0 += chunk) {
+        const int64_t j1 = std::min(k_padded, j0 + chunk);
+        for (int64_t g = 0; g < groups; ++g)
+          group_chunk<false>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, j0, j1,
+                             state[g]);
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        if (state[g].any_minus_inf()) {
+          state[g].reset();
+          group_chunk<true>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, 0, k_padded,
+                            state[g]);
+        }
+        const int64_t row0 = row_begin + g * kAvx2Rows;
+        const int64_t rows = std::min(kAvx2Rows, row_end - row0);
+        for (int64_t r = 0; r < rows; ++r) {
+          Best<float> best;
+          for (int h = 0; h < 2; ++h)
+            merge_lanes(_mm256_loadu_ps(state[g].value[2 * r + h]),
+                        _mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(state[g].index[2 * r + h])),
+                        best);
+          const int64_t row = row0 + r;
+          finish_row<float>(x_ptr + row * dim, codes_ptr, a, m, dim, inv, best, indices + row,
+                            distances + row);
+        }
+      }
+    }
+  });
 }
 
 // float32 running argmin over a GEMM tile's row: two 8-lane (value, index) minima side by side,
@@ -548,6 +664,13 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
     // float32 on an AVX-512 CPU: the AVX-512 kernels; otherwise AVX2 where the CPU has it (the
     // AVX2 build of the kernel bodies serves float64 too: the compiler vectorises it).
     [[maybe_unused]] const bool wide = std::is_same_v<scalar_t, float> && cpu_has_avx512();
+    // The direct micro-kernel for D <= 64 everywhere; with AVX2 (no AVX-512) for float32 also
+    // up to D = 1024 while its code panels (a K x D copy) take at most 32 MiB: measured on the
+    // 2-core EPYC, 2 threads, against the GEMM tiles (docs/benchmarks.md, "D above 64").
+    const bool direct = dim <= kDirectMaxDim ||
+                        (std::is_same_v<scalar_t, float> && !wide && cpu_has_avx2_fma() &&
+                         dim <= kAvx2DirectMaxDim &&
+                         k * dim * int64_t(sizeof(float)) <= kAvx2DirectMaxPanelBytes);
     if (few_rows) {
       std::vector<scalar_t> a(k), inv(cosine ? k : 0);
       const auto search = LGVQ_PICK_ISA(true, cpu_has_avx2_fma,
@@ -568,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
       }
       code_keys(codes_ptr, k, dim, keys.data());
       const auto search =
-          dim <= kDirectMaxDim
+          direct
               ? LGVQ_PICK_ISA(true, cpu_has_avx2_fma,
                               (wide ? &avx512::nearest_code_direct<scalar_t>
                                     : &avx2::nearest_code_direct<scalar_t>),

@@ -362,12 +362,12 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, scr
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
-@pytest.mark.parametrize("n,d", [(6, 16), (300, 16), (6, 100), (300, 100)])
+@pytest.mark.parametrize("n,d", [(6, 16), (300, 16), (6, 100), (300, 100), (300, 1100)])
 def test_overflow_to_minus_inf_is_never_chosen(backend, n, d):
     # Scores that overflow to -inf among finite ones: x[0] = 3e38 against the even codes
     # (c[0] = 1) gives -2 x.c = -6e38 -> -inf in float32, the odd codes (c[0] = 0) score finite.
-    # Every kernel path (direct and GEMM tiles, few rows, AVX2 / AVX-512 lanes) must pick the
-    # best finite score: the odd code with the highest x.c (sqnorm given as zeros).
+    # Every kernel path (direct, also at D = 100 with AVX2; GEMM tiles, at D = 1100 with AVX2;
+    # few rows; AVX2 / AVX-512 lanes) must pick the best finite score: the odd code with the highest x.c (sqnorm given as zeros).
     g = torch.Generator().manual_seed(n + d)
     k = 70
     codebook = torch.randn(k, d, generator=g)
@@ -393,14 +393,16 @@ def _native_isa() -> str:
 @pytest.mark.skipif(not _native_isa().startswith("avx512"),
                     reason="the CPU has no AVX-512 (or the native extension is not built)")
 def test_avx512_search_chooses_as_avx2():
-    # The AVX-512 kernels sum each lane as the AVX2 ones do: the same indices, exactly. The
+    # The AVX-512 kernels sum each lane as the AVX2 ones do: the same indices, exactly. Shapes
+    # where both take the same path: D <= 64 direct, few rows, GEMM tiles at D > 1024 (with
+    # AVX2 alone float32 takes the direct kernel up to D = 1024, the AVX-512 build GEMM tiles). The
     # distances are recomputed from the chosen code by plain C++ that the compiler builds for
     # each instruction set (measured: 1 ulp apart on a few rows), so they are held to rounding.
     script = (
         "import sys, torch, lgvq_kernels._C as C\n"
         "g = torch.Generator().manual_seed(0); out = {'isa': C.cpu_isa()}\n"
         "for n, k, d in ((37, 19, 3), (1000, 1000, 32), (513, 1030, 64), (200, 300, 100),\n"
-        "                (600, 2000, 256)):\n"
+        "                (600, 300, 1100)):\n"
         "    x = torch.randn(n, d, generator=g); c = torch.randn(k, d, generator=g)\n"
         "    x[3, 0] = float('nan'); c[5] = float('inf')\n"
         "    unit = torch.nn.functional.normalize(c, dim=1)\n"
@@ -460,7 +462,8 @@ def test_cosine_rows_of_any_norm(backend, d):
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
-@pytest.mark.parametrize("n, d", [(40, 8), (300, 8), (40, 130), (100, 80), (300, 130), (5, 40)])
+@pytest.mark.parametrize("n, d", [(40, 8), (300, 8), (40, 130), (100, 80), (300, 130), (5, 40),
+                                  (300, 1100)])
 @pytest.mark.parametrize("split", [False, True], ids=["one_block", "split_codebook"])
 def test_cosine_codes_of_any_norm(monkeypatch, backend, n, d, split):
     # No normalised copy of the codebook is made (the norms are folded into the search): codes
@@ -503,8 +506,9 @@ def test_cosine_zero_and_non_finite_codes(backend, d):
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
 def test_native_agrees_with_reference_on_large_random_problem(backend):
-    # Exercises the multi-tile paths (K > one GEMM tile, N > one row block) of the native kernel.
-    for d in (8, 40, 130):
+    # Exercises the multi-tile paths (K > one GEMM tile, N > one row block) of the native kernel:
+    # direct at D = 8, 40 (and 130 with AVX2 float32), GEMM tiles at D = 130 elsewhere and 1100.
+    for d in (8, 40, 130, 1100):
         x, codebook = make_inputs(1500, 2500, d, torch.float32, seed=d)
         result = lgvq_kernels.nearest_code(x, codebook, backend=backend)
         assert_matches_oracle(x, codebook, "l2", result.indices, result.distances)
