@@ -9,19 +9,23 @@
 // the direct path's panels), from per-code inverse norms (K values); with fewer rows than D
 // the few-rows path scales each tile's scores x.c by 1/|c| instead.
 //
-// Two paths, both parallel over blocks of rows (at::parallel_for) and streaming the codebook:
+// Three paths, the first two parallel over blocks of rows (at::parallel_for) and streaming the
+// codebook:
 //  * gemm tiles (D > kDirectMaxDim): per row block, codebook tiles of kTileCodes codes; the cross
 //    term of a tile comes from a single-threaded BLAS GEMM into a per-thread scratch tile that
 //    stays in L2, followed by a lane-parallel running argmin. Measured on the 2-core EPYC: tiles
 //    of 256 rows x 1024 codes run the GEMM at ~67 GFLOP/s per core vs ~34 for 64 x 16384.
-//  * direct (small D): the cross term is too thin for BLAS (the GEMM is bound by writing its
-//    output); a register-blocked micro-kernel over a transposed codebook [D][K] computes
-//    kRowGroup rows x kLanes codes per step and folds them into the running argmin at once.
+//  * direct (D <= 64; with AVX2 alone, float32 and N > 256 rows also D <= 1024 while the code
+//    panels take <= 32 MiB): for small D the cross term is too thin for BLAS (the GEMM is bound
+//    by writing its output); a register-blocked micro-kernel over lane panels of the codebook
+//    computes a group of rows x 16 codes per step and folds them into the running argmin.
+//  * few rows (N <= 256, D > 64): parallel over code tiles instead of row blocks.
 //
 // Instruction sets: AVX2+FMA kernels, and for float32 on CPUs with AVX-512 (where MKL's GEMM
 // runs at 16 lanes) an AVX-512 micro-kernel and tile scan; the baseline ISA elsewhere.
-// Measured on a 2-core Xeon with AVX-512, one thread, 2048x2048x32: AVX2 kernel 4.0 ms, AVX-512
-// kernel 2.3-2.6 ms, MKL's bare GEMM (into a reused output) 1.7-1.8 ms.
+// Measured on a 2-core Xeon with AVX-512, one thread, 2048x2048x32: the former AVX2 kernel
+// (4 rows x 16 codes) 4.0 ms, AVX-512 kernel 2.3-2.6 ms, MKL's bare GEMM (into a reused
+// output) 1.7-1.8 ms.
 //
 // Ties go to the lowest index: codes are visited in ascending order, lanes compare strictly and
 // the final lane merge prefers the lower index. Non-finite scores are never chosen (a score
@@ -666,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
     [[maybe_unused]] const bool wide = std::is_same_v<scalar_t, float> && cpu_has_avx512();
     // The direct micro-kernel for D <= 64 everywhere; with AVX2 (no AVX-512) for float32 also
     // up to D = 1024 while its code panels (a K x D copy) take at most 32 MiB: measured on the
-    // 2-core EPYC, 2 threads, against the GEMM tiles (docs/benchmarks.md, "D above 64").
+    // 2-core EPYC, 2 threads, against the GEMM tiles (docs/benchmarks.md, "The AVX2 direct kernel, and D above 64").
     const bool direct = dim <= kDirectMaxDim ||
                         (std::is_same_v<scalar_t, float> && !wide && cpu_has_avx2_fma() &&
                          dim <= kAvx2DirectMaxDim &&
