@@ -406,6 +406,7 @@ def main(argv=None) -> int:
             continue
         stem = f"{run.date[:10]}_{op}_{device_slug(device)}" + (f"_{slug(tag)}" if tag else "")
         markdown_path = os.path.join(args.out, stem + ".md")
+        images = image_stem(stem, run.run_id, os.path.exists(markdown_path))
         section = "\n".join([
             f"## {op} — {run.date} (run {run.run_id})", "",
             f"- machine: {run.device}",
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
             *(["Unavailable providers:", "", *unavailable, ""] if unavailable else []),
             *(["Targets (docs/benchmarks.md), from these numbers:", "",
                *[f"- {t.line()}" for t in targets], ""] if targets else []),
-            f"![{op}]({stem}.png)", "", f"![{op} speed-up]({stem}_speedup.png)", "", ""])
+            f"![{op}]({images}.png)", "", f"![{op} speed-up]({images}_speedup.png)", "", ""])
         previous = ""
         if os.path.exists(markdown_path):
             with open(markdown_path) as f:
@@ -426,13 +427,13 @@ def main(argv=None) -> int:
         csv_path = harness.append_csv(os.path.join(args.out, CSV_NAME), rows)
         written = [csv_path, markdown_path]
         if not args.no_plot:
-            png_path = os.path.join(args.out, stem + ".png")
+            png_path = os.path.join(args.out, images + ".png")
             problem = plot(family, rows, png_path, f"{op} — {run.device[:110]}")
             if problem:
                 print(problem)
             else:
                 written.append(png_path)
-            speedup_path = os.path.join(args.out, stem + "_speedup.png")
+            speedup_path = os.path.join(args.out, images + "_speedup.png")
             problem = speedup_plot(family, rows, speedup_path,
                                    f"{op} speed-up — {run.device[:110]}")
             if problem:
@@ -446,6 +447,14 @@ def main(argv=None) -> int:
     if failures:
         print(f"\n{failures} case(s) failed with an error (see the note column)")
     return 1 if failures else 0
+
+
+def image_stem(stem: str, run_id: str, appending: bool) -> str:
+    """The file stem of a run's two plots. The first run of a day (op, machine) writes
+    ``<stem>.png``; a later run that day appends its section to the same markdown file and
+    names its plots after its run id, so that every section keeps showing its own numbers
+    (they used to share one pair of files, the last run's)."""
+    return f"{stem}_{run_id}" if appending else stem
 
 
 def _save_figure(plt, figure, title: str, path: str) -> None:

@@ -1,6 +1,7 @@
 """The benchmark families for LG-VQ run end to end (their quick sets, one repeat): a benchmark
 that cannot run is a bug found here, not on the GPU machine."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,21 @@ def test_speedup_plot_is_written(tmp_path):
     path = tmp_path / "speedup.png"
     assert report.speedup_plot(family, rows, str(path), "title") is None
     assert path.stat().st_size > 0
+
+
+def test_two_runs_in_a_day_keep_their_own_plots(tmp_path):
+    # The second run of a day appends its section to the same markdown file: its plots must
+    # not overwrite the first run's, which the first section still shows.
+    command = [sys.executable, "-m", "benchmarks.report", "--ops", "nearest_code", "--shapes",
+               "8x16x4", "--providers", "lgvq-reference", "torch-addmm-argmin", "--repeats",
+               "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
+    for _ in range(2):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (markdown,) = tmp_path.glob("*_nearest_code_*.md")
+    text = markdown.read_text()
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert text.count("## nearest_code") == 2 and len(images) == 4
+    assert len(set(images)) == 4, images
+    for name in images:
+        assert (tmp_path / name).stat().st_size > 0, name
