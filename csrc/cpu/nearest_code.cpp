@@ -152,7 +152,6 @@ inline void merge_lanes(__m256 value, __m256i index, Best<float>& b) {
 // scores the AVX-512 kernel computes, bit for bit.
 constexpr int64_t kAvx2Rows = 6;                      // rows per step
 constexpr int64_t kAvx2BlockRows = 10 * kAvx2Rows;    // rows per task: 10 row groups
-constexpr int64_t kAvx2ChunkBytes = 16 * 1024;        // code panels one chunk holds (L1)
 
 struct Avx2GroupState {
   float value[kAvx2Rows * 2][kLanes];
@@ -181,6 +180,11 @@ inline void group_chunk(const float* packed_rows, int64_t dim, const float* code
   const __m256 mv = _mm256_set1_ps(m);
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const auto lower = [&](__m256 v, __m256 old) {  // the lanes where v replaces old
+    const __m256 below = _mm256_cmp_ps(v, old, _CMP_LT_OQ);
+    if constexpr (kFinite) return _mm256_and_ps(below, _mm256_cmp_ps(v, minus_inf, _CMP_GT_OQ));
+    return below;
+  };
   for (int64_t j = j0; j < j1; j += 2 * kLanes) {
     __m256 acc[kAvx2Rows * 2];
     for (int r = 0; r < kAvx2Rows * 2; ++r) acc[r] = _mm256_setzero_ps();
@@ -200,23 +204,18 @@ inline void group_chunk(const float* packed_rows, int64_t dim, const float* code
     __m256 any = _mm256_setzero_ps();
     for (int slot = 0; slot < kAvx2Rows * 2; ++slot) {
       acc[slot] = _mm256_fmadd_ps(mv, acc[slot], slot % 2 == 0 ? a0 : a1);
-      __m256 lower = _mm256_cmp_ps(acc[slot], _mm256_loadu_ps(s.value[slot]), _CMP_LT_OQ);
-      if constexpr (kFinite)
-        lower = _mm256_and_ps(lower, _mm256_cmp_ps(acc[slot], minus_inf, _CMP_GT_OQ));
-      any = _mm256_or_ps(any, lower);
+      any = _mm256_or_ps(any, lower(acc[slot], _mm256_loadu_ps(s.value[slot])));
     }
     if (_mm256_testz_ps(any, any)) continue;  // no lane improved: the common case
-    for (int slot = 0; slot < kAvx2Rows * 2; ++slot) {
+    for (int slot = 0; slot < kAvx2Rows * 2; ++slot) {  // the masks again, rather than 12 kept
       const __m256 old = _mm256_loadu_ps(s.value[slot]);
-      __m256 lower = _mm256_cmp_ps(acc[slot], old, _CMP_LT_OQ);
-      if constexpr (kFinite)
-        lower = _mm256_and_ps(lower, _mm256_cmp_ps(acc[slot], minus_inf, _CMP_GT_OQ));
+      const __m256 take = lower(acc[slot], old);
       const __m256i code = _mm256_add_epi32(
           iota, _mm256_set1_epi32(static_cast<int32_t>(j + (slot % 2) * kLanes)));
-      _mm256_storeu_ps(s.value[slot], _mm256_blendv_ps(old, acc[slot], lower));
-      const __m256i old_index = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.index[slot]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.index[slot]),
-                          _mm256_blendv_epi8(old_index, code, _mm256_castps_si256(lower)));
+      auto* index = reinterpret_cast<__m256i*>(s.index[slot]);
+      _mm256_storeu_ps(s.value[slot], _mm256_blendv_ps(old, acc[slot], take));
+      _mm256_storeu_si256(index, _mm256_blendv_epi8(_mm256_loadu_si256(index), code,
+                                                    _mm256_castps_si256(take)));
     }
   }
 }
@@ -225,24 +224,10 @@ template <>
 void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, const float* a,
                                 float m, const float* inv, int64_t* indices, float* distances) {
   static_assert(kPanel == kLanes, "the AVX2 micro-kernel reads 8-code panels");
-  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  const int64_t k_padded = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
-  // lane panels [k_padded / 8][dim][8] of the codebook (cosine: of the unit codes), padded
-  // codes scored +inf through a_padded; O(K * D), built once per call
-  std::vector<float> codes_t(dim * k_padded, 0.0f);
-  std::vector<float> a_padded(k_padded, std::numeric_limits<float>::infinity());
+  const int64_t n = x.size(0), dim = x.size(1);
   const float* codes_ptr = codes.data_ptr<float>();
-  for (int64_t c = 0; c < k; ++c) {
-    float* panel = codes_t.data() + (c / kLanes) * kLanes * dim + c % kLanes;
-    if (inv != nullptr) {  // cosine: the unit code, rounded as the generic path rounds it
-      for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d] * inv[c];
-    } else {
-      for (int64_t d = 0; d < dim; ++d) panel[d * kLanes] = codes_ptr[c * dim + d];
-    }
-    a_padded[c] = a[c];
-  }
-  const int64_t chunk = std::max<int64_t>(2 * kLanes, kAvx2ChunkBytes / (dim * 4) /
-                                                          (2 * kLanes) * (2 * kLanes));
+  const LanePanels<float> panels(codes_ptr, codes.size(0), dim, a, inv);
+  const int64_t chunk = chunk_codes(dim);
   constexpr int64_t kGroups = kAvx2BlockRows / kAvx2Rows;
   const float* x_ptr = x.data_ptr<float>();
   // rows per task: at most kAvx2BlockRows, fewer when that leaves under 4 tasks per thread
@@ -270,22 +255,13 @@ void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, co
           for (int64_t d = 0; d < dim; ++d) out[d * kAvx2Rows + r] = row[d];
         }
       }
-      const auto group_rows = [&](int64_t g) -> const float* {
-        return packed.data() + g * kAvx2Rows * dim;
-      };
-      for (int64_t g = 0; g < groups; ++g) state[g].reset();
-      for (int64_t j0 = 0; j0 < k_padded; j0 += chunk) {
-        const int64_t j1 = std::min(k_padded, j0 + chunk);
-        for (int64_t g = 0; g < groups; ++g)
-          group_chunk<false>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, j0, j1,
-                             state[g]);
-      }
+      sweep_groups(groups, panels.k_padded, chunk, state.data(),
+                   [&](auto finite, int64_t g, int64_t j0, int64_t j1) {
+                     group_chunk<decltype(finite)::value>(
+                         packed.data() + g * kAvx2Rows * dim, dim, panels.codes_t.data(),
+                         panels.a_padded.data(), m, j0, j1, state[g]);
+                   });
       for (int64_t g = 0; g < groups; ++g) {
-        if (state[g].any_minus_inf()) {
-          state[g].reset();
-          group_chunk<true>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, 0, k_padded,
-                            state[g]);
-        }
         const int64_t row0 = row_begin + g * kAvx2Rows;
         const int64_t rows = std::min(kAvx2Rows, row_end - row0);
         for (int64_t r = 0; r < rows; ++r) {
@@ -470,9 +446,6 @@ inline void finish_group(const GroupState& s, int64_t rows, Best<float>* best) {
   }
 }
 
-// Bytes of code panels a chunk holds: the chunk is read from L1 by every row group of a block.
-constexpr int64_t kChunkBytes = 16 * 1024;
-
 // The direct path for float32 at 16 lanes: per block of kDirectBlockRows rows, the codebook in
 // chunks of kChunkBytes; each chunk serves every row group of the block before the next is
 // read, the groups' running minima kept in GroupState. A group whose lanes took -inf
@@ -480,22 +453,11 @@ constexpr int64_t kChunkBytes = 16 * 1024;
 template <>
 void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, const float* a,
                                 float m, const float* inv, int64_t* indices, float* distances) {
-  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  const int64_t k_padded = (k + 2 * kWide - 1) / (2 * kWide) * (2 * kWide);
-  std::vector<float> codes_t(dim * k_padded, 0.0f);
-  std::vector<float> a_padded(k_padded, std::numeric_limits<float>::infinity());
+  static_assert(kPanel == kWide, "the AVX-512 micro-kernel reads 16-code panels");
+  const int64_t n = x.size(0), dim = x.size(1);
   const float* codes_ptr = codes.data_ptr<float>();
-  for (int64_t c = 0; c < k; ++c) {
-    float* panel = codes_t.data() + (c / kWide) * kWide * dim + c % kWide;
-    if (inv != nullptr) {  // cosine: the unit code, rounded as the generic path rounds it
-      for (int64_t d = 0; d < dim; ++d) panel[d * kWide] = codes_ptr[c * dim + d] * inv[c];
-    } else {
-      for (int64_t d = 0; d < dim; ++d) panel[d * kWide] = codes_ptr[c * dim + d];
-    }
-    a_padded[c] = a[c];
-  }
-  const int64_t chunk = std::max<int64_t>(2 * kWide, kChunkBytes / (dim * 4) / (2 * kWide) *
-                                                         (2 * kWide));
+  const LanePanels<float> panels(codes_ptr, codes.size(0), dim, a, inv);
+  const int64_t chunk = chunk_codes(dim);
   static_assert(kDirectBlockRows % kWideRows == 0, "whole row groups per block");
   constexpr int64_t kGroups = kDirectBlockRows / kWideRows;
   const float* x_ptr = x.data_ptr<float>();
@@ -517,19 +479,14 @@ void nearest_code_direct<float>(const at::Tensor& x, const at::Tensor& codes, co
                       padded_rows.data() + r * dim);
         return padded_rows.data();
       };
-      for (int64_t g = 0; g < groups; ++g) state[g].reset();
-      for (int64_t j0 = 0; j0 < k_padded; j0 += chunk) {
-        const int64_t j1 = std::min(k_padded, j0 + chunk);
-        for (int64_t g = 0; g < groups; ++g)
-          group_chunk<false>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, j0, j1,
-                             state[g]);
-      }
+      sweep_groups(groups, panels.k_padded, chunk, state.data(),
+                   [&](auto finite, int64_t g, int64_t j0, int64_t j1) {
+                     group_chunk<decltype(finite)::value>(group_rows(g), dim,
+                                                          panels.codes_t.data(),
+                                                          panels.a_padded.data(), m, j0, j1,
+                                                          state[g]);
+                   });
       for (int64_t g = 0; g < groups; ++g) {
-        if (state[g].any_minus_inf()) {
-          state[g].reset();
-          group_chunk<true>(group_rows(g), dim, codes_t.data(), a_padded.data(), m, 0, k_padded,
-                            state[g]);
-        }
         const int64_t row0 = row_begin + g * kWideRows;
         const int64_t rows = std::min(kWideRows, row_end - row0);
         finish_group(state[g], rows, best);

@@ -211,6 +211,59 @@ void nearest_code_gemm(const at::Tensor& x, const at::Tensor& codes, const T* a,
 // Direct micro-kernel path (small D)
 // ---------------------------------------------------------------------------------------------
 
+// The direct path's codebook: lane panels [k_padded / kPanel][dim][kPanel] (cosine: of the
+// unit codes c * inv, rounded as the GEMM tiles round them), k_padded a multiple of two panels
+// (one step of the AVX2 and AVX-512 micro-kernels), and the score offsets a padded with +inf so
+// that the padding codes never win. O(K * D), built once per call.
+template <typename T>
+struct LanePanels {
+  int64_t k_padded;
+  std::vector<T> codes_t, a_padded;
+  LanePanels(const T* codes, int64_t k, int64_t dim, const T* a, const T* inv)
+      : k_padded((k + 2 * kPanel - 1) / (2 * kPanel) * (2 * kPanel)),
+        codes_t(dim * k_padded, T(0)),
+        a_padded(k_padded, std::numeric_limits<T>::infinity()) {
+    for (int64_t c = 0; c < k; ++c) {
+      T* panel = codes_t.data() + (c / kPanel) * kPanel * dim + c % kPanel;
+      const T* code = codes + c * dim;
+      if (inv != nullptr) {
+        for (int64_t d = 0; d < dim; ++d) panel[d * kPanel] = code[d] * inv[c];
+      } else {
+        for (int64_t d = 0; d < dim; ++d) panel[d * kPanel] = code[d];
+      }
+      a_padded[c] = a[c];
+    }
+  }
+};
+
+// Codes per chunk of the vectorised direct kernels: the chunk's panels (kChunkBytes) stay in
+// L1 while every row group of a block reads them; a whole number of steps (two panels).
+constexpr int64_t kChunkBytes = 16 * 1024;
+inline int64_t chunk_codes(int64_t dim) {
+  return std::max<int64_t>(2 * kPanel,
+                           kChunkBytes / (dim * int64_t(sizeof(float))) / (2 * kPanel) *
+                               (2 * kPanel));
+}
+
+// A block's row groups swept over the codebook chunk by chunk (fold(finite, g, j0, j1) folds
+// codes [j0, j1) into group g's state), then every group whose minima took -inf searched again
+// over all codes with the finite test (see the kernels' keep_lower).
+template <typename State, typename Fold>
+inline void sweep_groups(int64_t groups, int64_t k_padded, int64_t chunk, State* state,
+                         const Fold& fold) {
+  for (int64_t g = 0; g < groups; ++g) state[g].reset();
+  for (int64_t j0 = 0; j0 < k_padded; j0 += chunk) {
+    const int64_t j1 = std::min(k_padded, j0 + chunk);
+    for (int64_t g = 0; g < groups; ++g) fold(std::false_type{}, g, j0, j1);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (state[g].any_minus_inf()) {
+      state[g].reset();
+      fold(std::true_type{}, g, 0, k_padded);
+    }
+  }
+}
+
 // kRowGroup rows against all codes; codes_t holds the codebook in panels of kPanel codes,
 // [k_padded / kPanel][dim][kPanel] (k_padded % kPanel == 0), padded codes scored +inf through
 // a_padded. Panels make a step's loads one contiguous run of dim x kPanel values: the former
@@ -260,21 +313,12 @@ inline void direct_row_group(const T* rows_ptr, int64_t dim, const T* codes_t, c
 template <typename T>
 void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* a, T m,
                          const T* inv, int64_t* indices, T* distances) {
-  const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
-  // padded to two panels: the AVX2 micro-kernel takes 16 codes a step, the AVX-512 one 32
-  const int64_t k_padded = (k + 2 * kPanel - 1) / (2 * kPanel) * (2 * kPanel);
-  // Lane panels of the codebook (cosine: of the unit codes) and padded score offsets:
-  // O(K * D), built once per call.
-  std::vector<T> codes_t(dim * k_padded, T(0));
-  std::vector<T> a_padded(k_padded, std::numeric_limits<T>::infinity());
+  const int64_t n = x.size(0), dim = x.size(1);
   const T* codes_ptr = codes.data_ptr<T>();
-  for (int64_t c = 0; c < k; ++c) {
-    T* panel = codes_t.data() + (c / kPanel) * kPanel * dim + c % kPanel;
-    const T scale = inv != nullptr ? inv[c] : T(1);
-    for (int64_t d = 0; d < dim; ++d)
-      panel[d * kPanel] = inv != nullptr ? codes_ptr[c * dim + d] * scale : codes_ptr[c * dim + d];
-    a_padded[c] = a[c];
-  }
+  const LanePanels<T> panels(codes_ptr, codes.size(0), dim, a, inv);
+  const int64_t k_padded = panels.k_padded;
+  const T* codes_t = panels.codes_t.data();
+  const T* a_padded = panels.a_padded.data();
   const T* x_ptr = x.data_ptr<T>();
   const int64_t blocks = (n + kDirectBlockRows - 1) / kDirectBlockRows;
   dynamic_blocks(blocks, [&](const auto& next_block) {
@@ -291,7 +335,7 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
                         padded_rows.data() + r * dim);
           rows_ptr = padded_rows.data();
         }
-        direct_row_group<T>(rows_ptr, dim, codes_t.data(), a_padded.data(), m, k_padded, best);
+        direct_row_group<T>(rows_ptr, dim, codes_t, a_padded, m, k_padded, best);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = row0 + r;
           finish_row<T>(x_ptr + row * dim, codes_ptr, a, m, dim, inv, best[r], indices + row,
