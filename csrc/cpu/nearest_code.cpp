@@ -153,21 +153,7 @@ inline void merge_lanes(__m256 value, __m256i index, Best<float>& b) {
 constexpr int64_t kAvx2Rows = 6;                      // rows per step
 constexpr int64_t kAvx2BlockRows = 10 * kAvx2Rows;    // rows per task: 10 row groups
 
-struct Avx2GroupState {
-  float value[kAvx2Rows * 2][kLanes];
-  int32_t index[kAvx2Rows * 2][kLanes];
-  void reset() {
-    std::fill_n(&value[0][0], kAvx2Rows * 2 * kLanes, std::numeric_limits<float>::infinity());
-    std::fill_n(&index[0][0], kAvx2Rows * 2 * kLanes, 0);
-  }
-  bool any_minus_inf() const {
-    const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    __m256 seen = _mm256_setzero_ps();
-    for (int s = 0; s < kAvx2Rows * 2; ++s)
-      seen = _mm256_or_ps(seen, _mm256_cmp_ps(_mm256_loadu_ps(value[s]), minus_inf, _CMP_EQ_OQ));
-    return _mm256_movemask_ps(seen) != 0;
-  }
-};
+using Avx2GroupState = GroupMinima<kAvx2Rows>;
 
 // Codes [j0, j1) (multiples of 16) folded into s for one group of kAvx2Rows rows. A lane takes
 // a score strictly below its minimum (NaN never; +inf never beats the +inf start); kFinite: and
@@ -372,24 +358,7 @@ inline void merge_lanes(__m512 value, __m512i index, Best<float>& b) {
 
 constexpr int64_t kWideRows = 8;  // rows per step of the AVX-512 micro-kernel
 
-// The running minima of one row group (kWideRows rows x two 16-code panels) between steps, in
-// memory (L1): plain arrays with unaligned loads and stores (a std::vector of a struct of __m512
-// members came back 32-byte aligned here, and an aligned store to it crashed).
-struct GroupState {
-  float value[kWideRows * 2][kWide];
-  int32_t index[kWideRows * 2][kWide];
-  void reset() {
-    std::fill_n(&value[0][0], kWideRows * 2 * kWide, std::numeric_limits<float>::infinity());
-    std::fill_n(&index[0][0], kWideRows * 2 * kWide, 0);
-  }
-  bool any_minus_inf() const {
-    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __mmask16 seen = 0;
-    for (int s = 0; s < kWideRows * 2; ++s)
-      seen |= _mm512_cmp_ps_mask(_mm512_loadu_ps(value[s]), minus_inf, _CMP_EQ_OQ);
-    return seen != 0;
-  }
-};
+using GroupState = GroupMinima<kWideRows>;  // kWideRows rows x two 16-code panels
 
 // Codes [j0, j1) of the panels (multiples of 32) folded into s: 8 rows x 32 codes a step (two
 // 16-code panels), 16 accumulators (twice the FMA latency x ports, so the chains never wait)

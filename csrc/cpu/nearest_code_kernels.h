@@ -236,6 +236,25 @@ struct LanePanels {
   }
 };
 
+// The running (value, index) minima of one row group of a vectorised direct kernel between
+// steps: kRows rows x two panels x kPanel lanes, in memory (L1), read and written with
+// unaligned vector loads and stores (a std::vector of a struct of __m512 members came back
+// 32-byte aligned here, and an aligned store to it crashed).
+template <int64_t kRows>
+struct GroupMinima {
+  float value[kRows * 2][kPanel];
+  int32_t index[kRows * 2][kPanel];
+  void reset() {
+    std::fill_n(&value[0][0], kRows * 2 * kPanel, std::numeric_limits<float>::infinity());
+    std::fill_n(&index[0][0], kRows * 2 * kPanel, 0);
+  }
+  // once per group and block, after its sweep: plain C++ is enough
+  bool any_minus_inf() const {
+    return std::any_of(&value[0][0], &value[0][0] + kRows * 2 * kPanel,
+                       [](float v) { return v == -std::numeric_limits<float>::infinity(); });
+  }
+};
+
 // Codes per chunk of the vectorised direct kernels: the chunk's panels (kChunkBytes) stay in
 // L1 while every row group of a block reads them; a whole number of steps (two panels).
 constexpr int64_t kChunkBytes = 16 * 1024;
