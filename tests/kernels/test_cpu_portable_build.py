@@ -55,16 +55,20 @@ def _include_flags() -> list[str]:
 def x86_only_lines(preprocessed: Path) -> list[str]:
     """``file:line: text`` of every line of a preprocessed file that comes from csrc/ and uses
     something only x86 has (the line markers say where each line comes from)."""
-    found, current, line_number = [], None, 0
+    found, current, ours, line_number = [], None, False, 0
+    resolved: dict[str, tuple[Path, bool]] = {}  # per file named by a marker: (path, ours)
     with preprocessed.open(errors="replace") as lines:
         for line in lines:
             marker = LINE_MARKER.match(line)
             if marker:
                 line_number = int(marker.group(1))
-                path = Path(marker.group(2))
-                current = path if path.is_absolute() else ROOT / path
+                name = marker.group(2)
+                if name not in resolved:  # resolve() per line cost ~12 s per source
+                    path = Path(name)
+                    path = (path if path.is_absolute() else ROOT / path).resolve()
+                    resolved[name] = (path, path.is_relative_to(CSRC))
+                current, ours = resolved[name]
                 continue
-            ours = current is not None and current.resolve().is_relative_to(CSRC)
             if ours and X86_ONLY.search(line):
                 found.append(f"{current.relative_to(ROOT)}:{line_number}: {line.strip()}")
             line_number += 1
