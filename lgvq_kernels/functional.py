@@ -86,7 +86,15 @@ def _resolve_cached(backend: str, environment: tuple, device: torch.device, op: 
     return resolve_backend(backend, device, op, dtypes, {"words": words} if words else None)
 
 
-@torch.compiler.assume_constant_result
+def _constant_to_compilers(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (1.2 s of
+    every process's ``import lgvq_kernels`` on the 2-core EPYC): that decorator sets this one
+    flag, which dynamo reads when it traces a call (tests/kernels/test_imports.py pins it)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_to_compilers
 def _resolve(backend: str, device: torch.device, op: str, *dtypes: torch.dtype,
              words: int = 0) -> str:
     """The backend that serves ``op`` on ``device`` for floating inputs of ``dtypes`` (and, for
