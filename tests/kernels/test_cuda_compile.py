@@ -58,16 +58,20 @@ def cuda_include_dir(nvcc: str | None) -> Path | None:
 
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: path.name)
-def test_cuda_source_compiles(source: Path, arch: str, tmp_path: Path) -> None:
+def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, CUDA_HOME, CUDA_PATH or /usr/local/cuda/bin): "
                     "the CUDA compile check needs a CUDA toolkit")
-    command = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", *TORCH_NVCC_DEFINES,
-               str(source), "-o", str(tmp_path / f"{source.stem}.{arch}.o")]
-    run_compiler(command, f"nvcc {source.name} for {arch}")
+    # One call for every architecture (what -arch=sm_XX gives each: its SASS and its PTX), the
+    # device passes two at a time: the host side is compiled once (quantize.cu: 8.9 s, against
+    # 17.6 s for one call per architecture on the 2-core EPYC). nvcc's errors name the arch.
+    targets = [f"-gencode=arch=compute_{arch[3:]},code=[{arch},compute_{arch[3:]}]"
+               for arch in ARCHS]
+    command = [nvcc, "-c", "-std=c++17", "-O3", "--threads=2", *targets, *TORCH_NVCC_DEFINES,
+               str(source), "-o", str(tmp_path / f"{source.stem}.o")]
+    run_compiler(command, f"nvcc {source.name} for {', '.join(ARCHS)}")
 
 
 @pytest.mark.parametrize("source", BINDING_SOURCES, ids=lambda path: path.name)
