@@ -14,7 +14,7 @@ import pytest
 BUILD_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 600  # a shuffle or barrier that part of a block misses is reported, never hangs
 PLAIN_FLAGS = ["-O2"]
-SANITIZER_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined",
+SANITIZER_FLAGS = ["-O0", "-g", "-fsanitize=address,undefined",
                    "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
 
