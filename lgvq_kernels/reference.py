@@ -5,6 +5,8 @@ inputs arrive already validated and laid out by lgvq_kernels.functional.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -49,14 +51,14 @@ def segment_sum(values: Tensor, indices: Tensor, num_segments: int) -> Tensor:
     return _SegmentSum.apply(values, indices, num_segments)
 
 
-# Scores per block of the search: one buffer of about this many scores (1 MiB in float32) is
-# allocated per call and reused by every block, so the N x K matrix never exists whole and the
-# block stays in cache between the GEMM that writes it and the argmin that reads it. Blocks take
-# whole codebooks while that leaves at least MIN_BLOCK_ROWS rows; past that (few rows, huge K)
-# they split the codebook instead, so that the codebook is read once per MIN_BLOCK_ROWS rows.
-# Measured on the 2-core EPYC against addmm + argmin (docs/benchmarks.md, "The reference
-# backend"): a fresh 4-16 MiB score matrix per call costs its page faults (2048 x 4096 scores:
-# addmm 19 ms into a new matrix, 5.9 ms into a reused one).
+# Scores per block of the search: one buffer of about this many scores (16 MiB in float32),
+# reused by every block and, on CPU, by later calls (``_score_buffer``), so the N x K matrix
+# never exists whole and the block stays in cache between the GEMM that writes it and the argmin
+# that reads it. Blocks take whole codebooks while that leaves at least MIN_BLOCK_ROWS rows;
+# past that (few rows, huge K) they split the codebook instead, so that the codebook is read
+# once per MIN_BLOCK_ROWS rows. Measured on the 2-core EPYC against addmm + argmin
+# (docs/benchmarks.md, "The reference backend"): a fresh 4-16 MiB score matrix per call costs
+# its page faults (2048 x 4096 scores: addmm 19 ms into a new matrix, 5.9 ms into a reused one).
 CHUNK_SCORES = 1 << 22
 MIN_BLOCK_ROWS = 256
 
@@ -191,7 +193,7 @@ def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, inverse: Tensor | No
         unit = torch.empty(min(k, codes), cf.shape[1], dtype=cf.dtype, device=cf.device)
         if codes >= k:  # one block: made once
             unit = torch.mul(cf, inverse[:, None], out=unit)
-    buffer = torch.empty(min(n, rows) * min(k, codes), dtype=xf.dtype, device=xf.device)
+    buffer = _score_buffer(min(n, rows) * min(k, codes), xf)
     for start in range(0, n, rows):
         part = xf[start:start + rows]
         row_best, row_index = best[start:start + rows], indices[start:start + rows]
@@ -231,6 +233,38 @@ def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, inverse: Tensor | No
             better |= ~torch.isfinite(row_best) & torch.isfinite(value)
             row_best.copy_(torch.where(better, value, row_best))
             row_index.copy_(torch.where(better, index + first, row_index))
+
+
+# CPU: the score buffer outlives the call, one per thread, dtype and device, grown to the
+# largest block a call has needed (at most CHUNK_SCORES scores: 16 MiB in float32, 32 MiB in
+# float64). A fresh 4-16 MiB buffer per call comes from mmap whenever the heap cannot hold it,
+# and its first touch then page-faults: 1024 x 1024 x 64, interleaved with other providers
+# (the benchmark, or a training step's own allocations), 2.6-2.9 ms a call against 1.6 ms with
+# a warm buffer (2-core EPYC). Other devices have caching allocators.
+_buffers = threading.local()
+
+
+def _score_buffer(size: int, like: Tensor) -> Tensor:
+    """``size`` scores of ``like``'s dtype to write into (nothing returned may alias them)."""
+    if (like.device.type != "cpu" or type(like) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack()):  # a mode or subclass: a plain buffer
+        return torch.empty(size, dtype=like.dtype, device=like.device)
+    held = getattr(_buffers, "scores", None)
+    if held is None:
+        held = _buffers.scores = {}
+    buffer = held.get(like.dtype)
+    if buffer is None or buffer.numel() < size:
+        # a normal tensor even under inference mode: an inference tensor could not be written
+        # by a later call outside it
+        with torch.inference_mode(False):
+            buffer = held[like.dtype] = torch.empty(size, dtype=like.dtype)
+    return buffer[:size]
+
+
+def release_score_buffers() -> None:
+    """Free this thread's kept score buffers (``nearest_code`` on CPU keeps one, at most 16 MiB
+    in float32, so that the next call does not page-fault a fresh one)."""
+    _buffers.scores = {}
 
 
 def _masked_best(scores: Tensor, lowest: bool) -> Tensor:

@@ -259,6 +259,57 @@ def test_reference_blocks_keep_ties_and_non_finite_rules(monkeypatch):
     torch.testing.assert_close(distances, oracle.gather(1, expected[:, None]).squeeze(1))
 
 
+def test_reference_kept_score_buffer_is_reused_safely():
+    # On CPU the score buffer outlives a call (reference._score_buffer): a larger earlier call
+    # leaves a larger buffer, a call under inference mode must not leave an inference tensor
+    # behind (a later call outside it could not write it), threads keep their own buffers, and
+    # nothing a call returns aliases the buffer.
+    reference.release_score_buffers()
+    g = torch.Generator().manual_seed(3)
+
+    def case(n, k, d):
+        codebook = torch.randn(k, d, generator=g)
+        return codebook[torch.randint(0, k, (n,), generator=g)] + 0.1 * torch.randn(
+            n, d, generator=g), codebook
+
+    def check(x, codebook, result):
+        oracle = reference.nearest_code_oracle(x, codebook)
+        assert torch.equal(result[0], oracle.argmin(1))
+        torch.testing.assert_close(result[1].double(), oracle.min(1).values, rtol=1e-4,
+                                   atol=1e-4)
+
+    big, small = case(300, 200, 8), case(7, 5, 3)
+    with torch.inference_mode():
+        first = reference.nearest_code(*big, None, "l2", "ieee")
+    held = reference._buffers.scores[torch.float32]
+    assert held.numel() == 300 * 200 and not held.is_inference()
+    check(*big, first)
+    second = reference.nearest_code(*small, None, "l2", "ieee")  # a slice of the same buffer
+    assert reference._buffers.scores[torch.float32] is held
+    check(*small, second)
+    check(*big, first)  # the earlier results do not alias the buffer
+    for value in (*first, *second):
+        assert value.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+
+    import threading
+
+    results, problems = {}, [case(500, 64, 16) for _ in range(4)]
+
+    def run(i):
+        for _ in range(20):
+            results[i] = reference.nearest_code(*problems[i], None, "l2", "ieee")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, problem in enumerate(problems):
+        check(*problem, results[i])
+    reference.release_score_buffers()
+    assert not reference._buffers.scores
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lowest", [True, False])
 @pytest.mark.parametrize("n,k,width", [(9, 128, 64), (9, 130, 64), (5, 193, 64), (7, 37, 4),
