@@ -172,3 +172,21 @@ def test_two_runs_in_a_day_keep_their_own_plots(tmp_path):
     assert len(set(images)) == 4, images
     for name in images:
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_memory_column_counts_the_reference_kept_score_buffer():
+    # The reference search keeps its score buffer between calls on CPU; the memory worker
+    # measures a call after a warm-up call, so it must free that buffer first or the column
+    # would read ~0 for a call that holds 4 MiB (1024 x 1024 float32 scores).
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the VmHWM memory method is Linux-only")
+    from benchmarks.harness.memory import MemoryWorker
+
+    worker = MemoryWorker()
+    try:
+        extra, note = worker.measure("nearest_code", "lgvq-reference",
+                                     {"N": 1024, "K": 1024, "D": 8, "metric": "l2"}, "float32")
+    finally:
+        worker.close()
+    assert extra is not None, note
+    assert extra >= 3.5 * 2**20, f"{extra / 2**20:.2f} MiB: the kept 4 MiB buffer went uncounted"

@@ -10,7 +10,8 @@ its inputs, outputs included.
   instead of staying high from earlier cases. Per case the worker builds the inputs (the
   factory fills, hence touches, them), calls fn once (warm-up: thread pools, library caches),
   resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), reads VmRSS, calls fn
-  once more and reads VmHWM: extra = VmHWM - VmRSS. Method "VmHWM-reset". The noise floor is
+  once more and reads VmHWM: extra = VmHWM - VmRSS. Method "VmHWM-reset". Buffers lgvq keeps
+  between calls (the reference search's scores) are freed before that call, so it counts them. The noise floor is
   measured at worker start-up: the largest error on cases of known size (a trivial op; fresh
   filled 1, 4 and 16 MiB outputs), printed with every report (about 0.1-0.3 MiB: the kernel's
   RSS counters are per-CPU approximations). Blocks under 64 KiB may come from already-resident
@@ -75,11 +76,21 @@ def _ru_maxrss_bytes() -> int:
     return value if sys.platform == "darwin" else value * 1024
 
 
+def _release_held_buffers() -> None:
+    """Free what lgvq keeps between calls (the reference search's score buffer, freed with the
+    mmap threshold above, so it leaves resident memory), so that the measured call counts it:
+    memory a call holds on to is memory it needs."""
+    reference = sys.modules.get("lgvq_kernels.reference")
+    if reference is not None:
+        reference.release_score_buffers()
+
+
 def measure_peak_cpu(fn: Callable[[], Any], method: str) -> tuple[int, str]:
     """(peak extra resident bytes of one call of ``fn``, note) in a memory worker (see the
     module docstring). The note is "" for an exact figure."""
     if method == "VmHWM-reset":
         fn()  # warm-up
+        _release_held_buffers()
         gc.collect()
         if not _reset_peak_rss():
             raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
