@@ -235,7 +235,7 @@ def _search(xf: Tensor, cf: Tensor, offsets: Tensor | None, inverse: Tensor | No
             row_index.copy_(torch.where(better, index + first, row_index))
 
 
-# CPU: the score buffer outlives the call, one per thread, dtype and device, grown to the
+# CPU: the score buffer outlives the call, one per thread and dtype, grown to the
 # largest block a call has needed (at most CHUNK_SCORES scores: 16 MiB in float32, 32 MiB in
 # float64). A fresh 4-16 MiB buffer per call comes from mmap whenever the heap cannot hold it,
 # and its first touch then page-faults: 1024 x 1024 x 64, interleaved with other providers

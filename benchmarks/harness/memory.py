@@ -11,9 +11,9 @@ its inputs, outputs included.
   factory fills, hence touches, them), calls fn once (warm-up: thread pools, library caches),
   resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), reads VmRSS, calls fn
   once more and reads VmHWM: extra = VmHWM - VmRSS. Method "VmHWM-reset". Buffers lgvq keeps
-  between calls (the reference search's scores) are freed before that call, so it counts them. The noise floor is
-  measured at worker start-up: the largest error on cases of known size (a trivial op; fresh
-  filled 1, 4 and 16 MiB outputs), printed with every report (about 0.1-0.3 MiB: the kernel's
+  between calls (the reference search's scores) are freed before that call, so it counts them.
+  The noise floor is measured at worker start-up: the largest error on cases of known size (a
+  trivial op; fresh filled 1, 4 and 16 MiB outputs), printed with every report (about 0.1-0.3 MiB: the kernel's
   RSS counters are per-CPU approximations). Blocks under 64 KiB may come from already-resident
   heap and go unseen; allocated but never-written memory is not resident. Where clear_refs
   is not writable (not Linux, old kernel; ``LGVQ_BENCH_MEMORY_METHOD=ru_maxrss-cold`` forces it)

@@ -1,5 +1,5 @@
 """What ``import lgvq`` costs: the package must not import torch._dynamo (and with it sympy and
-Triton: 1.2 s of the 2.2 s a training process spends importing, on the 2-core EPYC) unless the
+Triton: 1.2 s of the 4.3 s a training process spent importing, on the 2-core EPYC) unless the
 user compiles. The functional layer marks its backend choice constant to torch.compile by hand;
 the first test pins that the hand-made mark is the one torch's own decorator sets."""
 
