@@ -14,8 +14,9 @@ its inputs, outputs included.
   between calls (the reference search's scores) are freed before that call, so it counts them.
   The noise floor is measured at worker start-up: the largest error on cases of known size (a
   trivial op; fresh filled 1, 4 and 16 MiB outputs), printed with every report (about
-  0.1-0.3 MiB: the kernel's RSS counters are per-CPU approximations). Blocks under 64 KiB may come from already-resident
-  heap and go unseen; allocated but never-written memory is not resident. Where clear_refs
+  0.1-0.3 MiB: the kernel's RSS counters are per-CPU approximations). Blocks under 64 KiB may
+  come from already-resident heap and go unseen; allocated but never-written memory is not
+  resident. Where clear_refs
   is not writable (not Linux, old kernel; ``LGVQ_BENCH_MEMORY_METHOD=ru_maxrss-cold`` forces it)
   each case gets a fresh process and ``getrusage(RUSAGE_SELF).ru_maxrss`` (a lifetime peak that
   cannot be reset) is read around its *first* call (method "ru_maxrss-cold"): exact (peak - RSS
