@@ -249,9 +249,7 @@ def _score_buffer(size: int, like: Tensor) -> Tensor:
     if (like.device.type != "cpu" or type(like) is not torch.Tensor
             or torch._C._len_torch_dispatch_stack()):  # a mode or subclass: a plain buffer
         return torch.empty(size, dtype=like.dtype, device=like.device)
-    held = getattr(_buffers, "scores", None)
-    if held is None:
-        held = _buffers.scores = {}
+    held = _buffers.__dict__.setdefault("scores", {})  # this thread's, by dtype
     buffer = held.get(like.dtype)
     if buffer is None or buffer.numel() < size:
         # a normal tensor even under inference mode: an inference tensor could not be written
