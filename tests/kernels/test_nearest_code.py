@@ -382,15 +382,19 @@ def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split
     assert torch.isnan(distances[5])
 
 
+@pytest.mark.parametrize("direct", [0, 1 << 40], ids=["sorted_lookup", "direct_match"])
 @pytest.mark.parametrize("screen", [4096, 0], ids=["sum_screen", "lookup_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 40, 3000])
-def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, screen, dtype, k):
+def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, direct, screen,
+                                                               dtype, k):
     # lowest_duplicate(codebook)[indices] (torch.unique over all rows) against the chosen-codes
     # lookup: real duplicates (several copies, a later copy chosen), codes sharing the first
     # value but not the rest, -0.0 against 0.0, NaN codes, repeated and unsorted indices; with
-    # the row-sum screen in front (K <= its limit) and without.
+    # the row-sum screen in front (K <= its limit) and without; the pairs found by the sorted
+    # lookup or by the direct [K, C] comparison.
     monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen)
+    monkeypatch.setattr(reference, "DIRECT_MATCH_MAX_PAIRS", direct)
     g = torch.Generator().manual_seed(k)
     codebook = torch.randn(k, 5, generator=g).to(dtype)
     if k >= 40:
@@ -410,6 +414,9 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, scr
     assert got.tolist() == expected.tolist()
     if k >= 40:
         assert got[:8].tolist() == [3, 3, 3, 25, 8, 34, 33, 3]
+    for one in indices[:8].tolist():  # a single row (its own path: no unique)
+        single = reference.lowest_chosen_duplicate(codebook, torch.tensor([one]))
+        assert single.tolist() == reference.lowest_duplicate(codebook)[[one]].tolist()
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
