@@ -108,7 +108,7 @@ def _trainer(embedding: str):
         import torch.nn.functional as F
 
         model = build(shape, device, embedding).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # as training
         generator = torch.Generator().manual_seed(1)
         codes = torch.randint(0, CODEBOOK[0], (shape["B"], shape["L"]),
                               generator=generator).to(device)

@@ -62,7 +62,7 @@ def _text_encoder():
 def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool, **changes):
     from lgvq.config import build_config
     from lgvq.data import build_dataset, draw_captions_per_image
-    from lgvq.training import build_backbone, build_model, mask_words, masked_context
+    from lgvq.training import adam, build_backbone, build_model, mask_words, masked_context
 
     preset, overrides = MODELS[shape["model"]]
     config = build_config(preset, {**overrides, "batch_size": shape["B"], "backbone": "vqvae",
@@ -81,7 +81,7 @@ def _setup(shape: dict, device: torch.device, guidance: bool, heads: bool, **cha
     masked_ids, masked = mask_words(text_encoder, text, config, 0)
     masked = masked.to(device)
     trained = model.parameters() if heads else model.tokenizer.parameters()
-    optimizer = torch.optim.Adam(trained, lr=1e-5, betas=(0.5, 0.9))
+    optimizer = adam(trained, lr=1e-5, betas=(0.5, 0.9))  # training's Adam (foreach)
     model.train()
 
     def step():

@@ -253,6 +253,15 @@ def mask_words(text_encoder, text, config: TrainConfig, step: int):
                             text_encoder.mask_token_id, ratio, generator)
 
 
+def adam(params, **options) -> torch.optim.Adam:
+    """torch.optim.Adam with the multi-tensor (``foreach``) update on every device. PyTorch
+    picks it by default on CUDA only; on CPU the per-parameter loop costs the demo's LG-VQ step
+    (about 200 small tensors, heads included) ~3 ms of ~100 ms (2-core EPYC). The updates are
+    bitwise those of the loop (tests/test_training_optimizers.py), so trained weights and
+    committed figures do not move."""
+    return torch.optim.Adam(params, foreach=True, **options)
+
+
 def masked_context(config: TrainConfig, text_encoder, masked_ids: torch.Tensor,
                    text: TextFeatures) -> torch.Tensor:
     """The masked text decoder's context ``[B, T, C]`` for captions whose ``masked_ids`` hide
@@ -316,7 +325,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
         model.set_text_centre(text_cache.encode(sorted(set(captions))).global_features.mean(0))
     objective = backbone.loss.to(device)
     heads = list(model.head_parameters())
-    optimizer = torch.optim.Adam(
+    optimizer = adam(
         [{"params": list(model.tokenizer.parameters())},
          {"params": heads, "lr": config.head_learning_rate or config.learning_rate}],
         lr=config.learning_rate, betas=tuple(config.adam_betas))
@@ -325,7 +334,7 @@ def train(config: TrainConfig, *, text_encoder=None, progress: bool = True,
     modules = {}
     if objective.discriminator is not None:
         modules["discriminator"] = objective.discriminator
-        optimizers["discriminator"] = torch.optim.Adam(
+        optimizers["discriminator"] = adam(
             objective.discriminator.parameters(),
             lr=config.disc_learning_rate or config.learning_rate, betas=tuple(config.adam_betas))
 

@@ -353,8 +353,10 @@ def _learning_rate(config: DownstreamConfig, step: int) -> float:
 
 
 def build_optimizer(config: DownstreamConfig, model: CodeTransformer) -> torch.optim.Optimizer:
+    # the multi-tensor update on CPU too (PyTorch's default on CUDA only): bitwise the
+    # per-parameter loop's values (tests/test_training_optimizers.py), fewer small kernels
     return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
-                             weight_decay=config.weight_decay)
+                             weight_decay=config.weight_decay, foreach=True)
 
 
 def code_cache_dir(config: DownstreamConfig) -> str | None:

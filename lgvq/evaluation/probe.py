@@ -29,6 +29,7 @@ from lgvq.evaluation.evaluate import evaluate_model
 from lgvq.files import atomic_write
 from lgvq.text import TextFeatureCache, load_text_encoder
 from lgvq.training import (
+    adam,
     batch_indices,
     build_dataset,
     build_model,
@@ -91,7 +92,7 @@ def probe_heads(checkpoint: str | Path, overrides: dict | None = None, *, text_e
             for first in range(0, len(dataset), 128)])
     image_captions = [dataset[i]["captions"] for i in range(len(dataset))]
     heads = list(model.head_parameters())
-    optimizer = torch.optim.Adam(heads, lr=config.head_learning_rate, betas=config.adam_betas)
+    optimizer = adam(heads, lr=config.head_learning_rate, betas=config.adam_betas)
     model.train()
     model.tokenizer.eval()
     for step in tqdm(range(config.steps), desc="lgvq-probe", disable=not progress):
