@@ -5,6 +5,7 @@ inputs arrive already validated and laid out by lgvq_kernels.functional.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -158,7 +159,10 @@ def nearest_code(x: Tensor, codebook: Tensor, codebook_sqnorm: Tensor | None, me
     with _matmul_precision(precision, x.device):
         _search(xf, cf, offsets, inverse, rows, codes, "never" if defer else
                 ("when_needed" if on_cpu else "always"), indices, best)
-        if defer:
+        # one sum screens every row (a NaN or an infinity makes it non-finite; a finite sum
+        # that overflows only costs the exact look below): isfinite over N rows is a composite
+        # of several ops on CPU
+        if defer and not math.isfinite(float(best.sum())):
             redo = (~torch.isfinite(best)).nonzero().squeeze(1)
             if redo.numel():
                 again_index, again_best = indices[redo], best[redo]
@@ -293,7 +297,7 @@ def lowest_chosen_duplicate(codebook: Tensor, indices: Tensor) -> Tensor:
     if codebook.shape[0] <= SUM_SCREEN_MAX_CODES:
         # distinct row sums, distinct rows (equal rows have equal sums: ATen reduces every row
         # in the same order); 1024 x 64: ~35 us against ~0.3 ms for the lookup below
-        ordered = (codebook.sum(1) + 0.0).sort().values  # (-0 -> +0)
+        ordered = codebook.sum(1).sort().values  # (-0.0 == 0.0: equal sums stay adjacent)
         if not bool((ordered[1:] == ordered[:-1]).any()):
             return indices
     if indices.numel() == 1:  # one row (a GEMV): no unique needed

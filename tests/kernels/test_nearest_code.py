@@ -406,17 +406,44 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, dir
         codebook[8, 0] = 0.0  # 30 equals 8 (-0.0 == 0.0)
         codebook[33, 1] = float("nan")
         codebook[34] = codebook[33]  # NaN rows are never equal
+        codebook[35] = -0.0  # sums to -0.0, and equals the row of +0.0 after it
+        codebook[36] = 0.0
     indices = torch.randint(0, k, (50,), generator=g)
     if k >= 40:
-        indices[:8] = torch.tensor([k - 1, 17, 3, 25, 30, 34, 33, 17])
+        indices[:9] = torch.tensor([k - 1, 17, 3, 25, 30, 34, 33, 17, 36])
     expected = reference.lowest_duplicate(codebook)[indices]
     got = reference.lowest_chosen_duplicate(codebook, indices)
     assert got.tolist() == expected.tolist()
     if k >= 40:
-        assert got[:8].tolist() == [3, 3, 3, 25, 8, 34, 33, 3]
-    for one in indices[:8].tolist():  # a single row (its own path: no unique)
+        assert got[:9].tolist() == [3, 3, 3, 25, 8, 34, 33, 3, 35]
+    for one in indices[:9].tolist():  # a single row (its own path: no unique)
         single = reference.lowest_chosen_duplicate(codebook, torch.tensor([one]))
         assert single.tolist() == reference.lowest_duplicate(codebook)[[one]].tolist()
+
+
+def test_reference_finite_scores_whose_sum_overflows_are_kept():
+    # every row's best score finite (about -1.2e38) but their sum overflows to -inf: the
+    # one-sum screen sends the rows to the exact check, which finds nothing to redo
+    codebook = torch.randn(70, 8, generator=torch.Generator().manual_seed(2))
+    x = torch.zeros(12, 8)
+    x[:, 0] = 2e37
+    codebook[:, 0] = torch.linspace(-3.0, 3.0, 70)
+    indices, distances = reference.nearest_code(x, codebook, torch.zeros(70), "l2", "highest")
+    best = (-2.0 * x.double() @ codebook.double().t()).argmin(1)
+    assert indices.tolist() == best.tolist() == [69] * 12
+    assert not math.isfinite(float((-2.0 * x @ codebook.t()).amin(1).sum()))
+
+
+@pytest.mark.parametrize("direct", [0, 1 << 40], ids=["sorted_lookup", "direct_match"])
+def test_the_row_sum_screen_sees_a_row_of_minus_zeros_equal_to_zeros(monkeypatch, direct):
+    # the only duplicate pair: a row of -0.0 (its sum is -0.0) and, later, a row of +0.0 (sum
+    # +0.0); the row-sum screen must not clear them as distinct
+    monkeypatch.setattr(reference, "DIRECT_MATCH_MAX_PAIRS", direct)
+    codebook = torch.randn(10, 4, generator=torch.Generator().manual_seed(5))
+    codebook[2] = -0.0
+    codebook[7] = 0.0
+    got = reference.lowest_chosen_duplicate(codebook, torch.tensor([7, 1, 7]))
+    assert got.tolist() == [2, 1, 2]
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
