@@ -382,19 +382,24 @@ def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split
     assert torch.isnan(distances[5])
 
 
+@pytest.mark.parametrize("buckets", [1, 1 << 22], ids=["one_bucket", "hashed"])
 @pytest.mark.parametrize("direct", [0, 1 << 40], ids=["sorted_lookup", "direct_match"])
 @pytest.mark.parametrize("screen", [4096, 0], ids=["sum_screen", "lookup_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 40, 3000])
-def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, direct, screen,
-                                                               dtype, k):
+def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, buckets, direct,
+                                                               screen, dtype, k):
     # lowest_duplicate(codebook)[indices] (torch.unique over all rows) against the chosen-codes
     # lookup: real duplicates (several copies, a later copy chosen), codes sharing the first
     # value but not the rest, -0.0 against 0.0, NaN codes, repeated and unsorted indices; with
     # the row-sum screen in front (K <= its limit) and without; the pairs found by the sorted
-    # lookup or by the direct [K, C] comparison.
+    # lookup (behind the first-value hash screen, or with every code in one bucket) or by the
+    # direct [K, C] comparison.
+    if direct and buckets == 1:
+        pytest.skip("the direct comparison has no hash screen")
     monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen)
     monkeypatch.setattr(reference, "DIRECT_MATCH_MAX_PAIRS", direct)
+    monkeypatch.setattr(reference, "MAX_FIRST_VALUE_BUCKETS", buckets)
     g = torch.Generator().manual_seed(k)
     codebook = torch.randn(k, 5, generator=g).to(dtype)
     if k >= 40:
@@ -419,6 +424,21 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, dir
     for one in indices[:9].tolist():  # a single row (its own path: no unique)
         single = reference.lowest_chosen_duplicate(codebook, torch.tensor([one]))
         assert single.tolist() == reference.lowest_duplicate(codebook)[[one]].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("buckets", [1024, 1 << 14, 1 << 22])
+def test_first_value_buckets_put_equal_values_together(dtype, buckets):
+    # the hash screen may only send equal first values to one bucket: -0.0 with 0.0 (different
+    # bits, equal values), every value with itself; and it must spread ordinary values (a
+    # screen that puts everything in one bucket is correct but screens nothing)
+    values = torch.tensor([-0.0, 0.0, 1.5, -1.5, 3e38, -2.5e-39], dtype=dtype)
+    bucket = reference._first_value_bucket(values, buckets)
+    assert bucket[0] == bucket[1]
+    assert bool(((bucket >= 0) & (bucket < buckets)).all())
+    assert bucket.tolist() == reference._first_value_bucket(values.clone(), buckets).tolist()
+    spread = reference._first_value_bucket(torch.randn(4096, dtype=dtype), buckets)
+    assert spread.unique().numel() > 0.3 * min(buckets, 4096)
 
 
 @pytest.mark.parametrize("direct", [0, 1 << 40], ids=["sorted_lookup", "direct_match"])
