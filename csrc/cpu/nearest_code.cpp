@@ -19,7 +19,9 @@
 //    panels take <= 32 MiB): for small D the cross term is too thin for BLAS (the GEMM is bound
 //    by writing its output); a register-blocked micro-kernel over lane panels of the codebook
 //    computes a group of rows x 16 codes per step and folds them into the running argmin.
-//  * few rows (N <= 256, D > 64): parallel over code tiles instead of row blocks.
+//  * few rows (N <= 256, D > 64): parallel over code tiles instead of row blocks; with one to
+//    four rows (kOwnDotMaxRows) a tile's products come from our own loop, one pass per code
+//    with its norm and key (few_rows_tile), instead of a BLAS call per tile.
 //
 // Instruction sets: AVX2+FMA kernels, and for float32 on CPUs with AVX-512 (where MKL's GEMM
 // runs at 16 lanes) an AVX-512 micro-kernel and tile scan; the baseline ISA elsewhere.
@@ -65,6 +67,9 @@ constexpr int64_t kBlockRows = 256;      // rows per GEMM-path task
 constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 B = 1 MiB scratch)
 constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
 constexpr int64_t kFewRowsTileCodes = 256;  // few-rows path: 256 codes x D=256 x 4 B stay in L2
+constexpr int64_t kPrefetchCodes = 8;  // few-rows tiles: prefetch distance (2-16 measured alike)
+constexpr int64_t kOwnDotMaxRows = 4;
+constexpr size_t kLinearKeyScan = 16;  // up to this many distinct chosen keys: a linear scan  // few-rows path: up to this many rows, no BLAS (row_dots)
 
 // Work is handed out block by block from a shared counter to at::get_num_threads() workers,
 // instead of a static split into one range per thread: a worker the OS deschedules (other
@@ -118,6 +123,203 @@ inline float squared_norm<float>(const float* row, int64_t dim) {
     for (int64_t l = 0; l < kLanes; ++l) sum += part[h][l];
   return sum;
 }
+
+// squared_norm of `count` consecutive rows, eight rows at a time: each row's four FMA chains and
+// scalar tail as in squared_norm, then the eight rows' ordered sums of their 32 partials run side
+// by side in the lanes of one register (lane i adds exactly what row i's scalar sum adds, in the
+// same order: the same value bit for bit). One row at a time, its 32 dependent adds took ~45% of
+// the few-rows path's samples (perf, 1x16384x256, one thread, 2-core Xeon).
+template <>
+inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, float* out) {
+  alignas(32) float part[kLanes][4 * kLanes];  // part[i]: row i's 32 partial sums, in order
+  alignas(32) float tail[kLanes];
+  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  int64_t c = 0;
+  for (; c + kLanes <= count; c += kLanes) {
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const float* row = rows + (c + i) * dim;
+      __m256 lane[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                        _mm256_setzero_ps()};
+      int64_t d = 0;
+      for (; d + 4 * kLanes <= dim; d += 4 * kLanes)
+        for (int h = 0; h < 4; ++h) {
+          const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
+          lane[h] = _mm256_fmadd_ps(v, v, lane[h]);
+        }
+      for (; d + kLanes <= dim; d += kLanes) {
+        const __m256 v = _mm256_loadu_ps(row + d);
+        lane[0] = _mm256_fmadd_ps(v, v, lane[0]);
+      }
+      float sum = 0;
+      for (; d < dim; ++d) sum = std::fma(row[d], row[d], sum);
+      tail[i] = sum;
+      for (int h = 0; h < 4; ++h) _mm256_store_ps(part[i] + h * kLanes, lane[h]);
+    }
+    __m256 sum = _mm256_load_ps(tail);
+    for (int j = 0; j < 4 * kLanes; ++j)
+      sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
+    _mm256_storeu_ps(out + c, sum);
+  }
+  for (; c < count; ++c) out[c] = squared_norm<float>(rows + c * dim, dim);
+}
+
+// x_r . row for float32, R rows at a time: each 16 values of the row loaded once and multiplied
+// into two FMA chains per row (one chain waits on the FMA latency), then added up in a fixed
+// order. The AVX-512 build calls this one (the products are bound by reading the codes).
+template <int R>
+inline void row_dots_block(const float* x, int64_t dim, const float* row, float* out,
+                           int64_t stride) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 2 * kLanes <= dim; d += 2 * kLanes) {
+    const __m256 c0 = _mm256_loadu_ps(row + d), c1 = _mm256_loadu_ps(row + d + kLanes);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), c0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d + kLanes), c1, acc[r][1]);
+    }
+  }
+  if (d + kLanes <= dim) {
+    const __m256 c0 = _mm256_loadu_ps(row + d);
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), c0, acc[r][0]);
+    d += kLanes;
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t e = d; e < dim; ++e) sum = std::fma(x[r * dim + e], row[e], sum);
+    alignas(32) float part[kLanes];
+    _mm256_store_ps(part, _mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+    out[r * stride] = sum;
+  }
+}
+
+template <>
+inline void row_dots<float>(const float* x, int64_t n, int64_t dim, const float* row, float* out,
+                            int64_t stride) {
+  switch (n) {
+    case 1: return row_dots_block<1>(x, dim, row, out, stride);
+    case 2: return row_dots_block<2>(x, dim, row, out, stride);
+    case 3: return row_dots_block<3>(x, dim, row, out, stride);
+    default:
+      for (int64_t r = 0; r + 4 <= n; r += 4)
+        row_dots_block<4>(x + r * dim, dim, row, out + r * stride, stride);
+      if (n % 4) row_dots<float>(x + (n - n % 4) * dim, n % 4, dim, row, out + (n - n % 4) * stride, stride);
+  }
+}
+
+// few_rows_tile for float32 and R rows: each code is read once, and every value loaded feeds
+// the |c|^2 chains (exactly squared_norm's four chains, scalar tail and ordered sum, the last
+// run for eight codes at once as in squared_norms), two FMA chains per row of x for x_r.c and
+// the duplicate key. The key here is the codes' 32-bit patterns summed in eight wrapping lanes,
+// the lanes then weighted by 1, 3, ..., 15 (equal codes have equal keys; it differs from
+// row_key, but a call compares only keys that one path made). Each code's read is prefetched
+// kPrefetchCodes codes ahead. Measured at 1 x 16384 x 256 (2-core Xeon, kernel alone, with the
+// linear key scan below): 0.40-0.47 ms on 2 threads, 0.71-0.80 ms on one, against 0.81 / 1.3 ms
+// for separate passes with a BLAS call per tile; MKL's bare product 0.34 / 0.60 ms.
+template <int R>
+inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count, int64_t dim,
+                               const float* given_a, float* a_out, float* inv_out,
+                               uint64_t* keys, float* dots) {
+  alignas(32) float part[kLanes][4 * kLanes];  // part[i]: code i's 32 |c|^2 partials, in order
+  alignas(32) float tail[kLanes];
+  alignas(32) float lanes[kLanes];
+  alignas(32) uint32_t key_lanes[kLanes];
+  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  const bool norms = given_a == nullptr;
+  for (int64_t c0 = 0; c0 < count; c0 += kLanes) {
+    const int64_t group = std::min<int64_t>(kLanes, count - c0);
+    for (int64_t i = 0; i < group; ++i) {
+      const int64_t c = c0 + i;
+      const float* row = codes + c * dim;
+      if (c + kPrefetchCodes < count) {  // the code kPrefetchCodes ahead, line by line
+        const char* ahead = reinterpret_cast<const char*>(row + kPrefetchCodes * dim);
+        for (int64_t b = 0; b < dim * int64_t(sizeof(float)); b += 64)
+          _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
+      __m256 sq[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps()};
+      __m256 acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      __m256i key = _mm256_setzero_si256();
+      int64_t d = 0;
+      for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+        for (int h = 0; h < 4; ++h) {
+          const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
+          sq[h] = _mm256_fmadd_ps(v, v, sq[h]);
+          key = _mm256_add_epi32(key, _mm256_castps_si256(v));
+          for (int r = 0; r < R; ++r)
+            acc[r][h & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d + h * kLanes), v,
+                                            acc[r][h & 1]);
+        }
+      }
+      for (; d + kLanes <= dim; d += kLanes) {
+        const __m256 v = _mm256_loadu_ps(row + d);
+        sq[0] = _mm256_fmadd_ps(v, v, sq[0]);
+        key = _mm256_add_epi32(key, _mm256_castps_si256(v));
+        for (int r = 0; r < R; ++r)
+          acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), v, acc[r][0]);
+      }
+      float sum = 0;
+      uint64_t key_sum = 0;
+      for (int64_t e = d; e < dim; ++e) {
+        sum = std::fma(row[e], row[e], sum);
+        uint32_t bits;
+        std::memcpy(&bits, row + e, sizeof(bits));
+        key_sum += bits;
+      }
+      tail[i] = sum;
+      for (int h = 0; h < 4; ++h) _mm256_store_ps(part[i] + h * kLanes, sq[h]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(key_lanes), key);
+      for (int64_t l = 0; l < kLanes; ++l) key_sum += uint64_t(key_lanes[l]) * uint64_t(2 * l + 1);
+      keys[c] = key_sum;
+      for (int r = 0; r < R; ++r) {
+        float total = 0;
+        for (int64_t e = d; e < dim; ++e) total = std::fma(x[r * dim + e], row[e], total);
+        _mm256_store_ps(lanes, _mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+        dots[r * count + c] = total;
+      }
+    }
+    if (!norms) {
+      std::copy(given_a + c0, given_a + c0 + group, a_out + c0);
+      continue;
+    }
+    float* norm_out = inv_out != nullptr ? inv_out : a_out;
+    if (group == kLanes) {
+      __m256 sum = _mm256_load_ps(tail);
+      for (int j = 0; j < 4 * kLanes; ++j)
+        sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
+      _mm256_storeu_ps(norm_out + c0, sum);
+    } else {  // the last, partial group: squared_norm's own ordered sum, code by code
+      for (int64_t i = 0; i < group; ++i) {
+        float sum = tail[i];
+        for (int j = 0; j < 4 * kLanes; ++j) sum += part[i][j];
+        norm_out[c0 + i] = sum;
+      }
+    }
+    if (inv_out != nullptr) {
+      for (int64_t i = 0; i < group; ++i) {
+        a_out[c0 + i] = 0.0f;
+        inv_out[c0 + i] = inverse_of_norm(inv_out[c0 + i]);
+      }
+    }
+  }
+}
+
+template <>
+inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, int64_t count,
+                                 int64_t dim, const float* given_a, float* a_out, float* inv_out,
+                                 uint64_t* keys, float* dots) {
+  switch (n) {
+    case 1: return few_rows_tile_rows<1>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+    case 2: return few_rows_tile_rows<2>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+    case 3: return few_rows_tile_rows<3>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+    default: return few_rows_tile_rows<4>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+  }
+}
+
 // v replaces the lanes of (value, index) where it is finite and strictly lower: +inf fails the
 // first test, NaN both, -inf the second.
 inline void keep_lower(__m256 v, __m256i code, __m256 minus_inf, __m256& value,
@@ -321,6 +523,24 @@ constexpr int64_t kWide = 16;  // float32 lanes of one register
 template <>
 inline float squared_norm<float>(const float* row, int64_t dim) {
   return avx2::squared_norm<float>(row, dim);
+}
+
+template <>
+inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, float* out) {
+  avx2::squared_norms<float>(rows, count, dim, out);
+}
+
+template <>
+inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, int64_t count,
+                                 int64_t dim, const float* given_a, float* a_out, float* inv_out,
+                                 uint64_t* keys, float* dots) {
+  avx2::few_rows_tile<float>(x, n, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+}
+
+template <>
+inline void row_dots<float>(const float* x, int64_t n, int64_t dim, const float* row, float* out,
+                            int64_t stride) {
+  avx2::row_dots<float>(x, n, dim, row, out, stride);
 }
 
 // v replaces the lanes of (value, index) where it is strictly lower (NaN never is; +inf never
@@ -534,11 +754,22 @@ void remap_to_lowest_duplicate(const T* codes, const uint64_t* keys, int64_t k, 
                                int64_t* indices, int64_t n) {
   std::unordered_set<uint64_t> chosen_keys;
   for (int64_t i = 0; i < n; ++i) chosen_keys.insert(keys[indices[i]]);
+  // a few distinct keys are matched by a scan of a small array (1 x 16384 codes: ~4 us against
+  // ~50 us of hash look-ups)
+  const std::vector<uint64_t> few(chosen_keys.size() <= kLinearKeyScan ? chosen_keys.begin()
+                                                                        : chosen_keys.end(),
+                                  chosen_keys.end());
+  const auto is_chosen_key = [&](uint64_t key) {
+    if (few.empty()) return chosen_keys.count(key) > 0;
+    bool found = false;
+    for (const uint64_t chosen : few) found |= chosen == key;
+    return found;
+  };
   // codes sharing a key with a chosen code, ascending: usually just the chosen codes
   std::unordered_map<uint64_t, std::vector<int64_t>> sharing;
   bool any = false;
   for (int64_t c = 0; c < k; ++c) {
-    if (chosen_keys.count(keys[c])) {
+    if (is_chosen_key(keys[c])) {
       auto& list = sharing[keys[c]];
       list.push_back(c);
       any |= list.size() > 1;

@@ -100,11 +100,43 @@ inline T squared_norm(const T* row, int64_t dim) {
   return sum;
 }
 
+// squared_norm of `count` consecutive rows into out (the AVX2 and AVX-512 builds specialise it
+// for float32: eight rows at a time, the same values bit for bit).
+template <typename T>
+inline void squared_norms(const T* rows, int64_t count, int64_t dim, T* out) {
+  for (int64_t c = 0; c < count; ++c) out[c] = squared_norm(rows + c * dim, dim);
+}
+
+template <typename T>
+inline T inverse_of_norm(T squared) {
+  return T(1) / std::max(std::sqrt(squared), T(1e-12));
+}
+
 template <typename T>
 inline T dot(const T* u, const T* v, int64_t n) {
   T s = 0;
   for (int64_t i = 0; i < n; ++i) s += u[i] * v[i];
   return s;
+}
+
+// x_r . row for the n <= kOwnDotMaxRows rows of x (contiguous, dim wide) into out[r * stride]:
+// the few-rows path with one to four rows, where a tile's GEMM is a matrix-vector product bound
+// by reading the codes and a BLAS call per 256-code tile costs more than its products. Eight
+// partial sums per row, added up in a fixed order (the AVX2 and AVX-512 builds specialise it
+// for float32 with FMAs).
+template <typename T>
+inline void row_dots(const T* x, int64_t n, int64_t dim, const T* row, T* out, int64_t stride) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* xr = x + r * dim;
+    T lane[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= dim; d += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] += xr[d + l] * row[d + l];
+    T sum = 0;
+    for (; d < dim; ++d) sum += xr[d] * row[d];
+    for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+    out[r * stride] = sum;
+  }
 }
 
 // Cosine takes codes of any norm: the search reads unit codes c * inv, inv = 1 / max(|c|,
@@ -113,7 +145,7 @@ inline T dot(const T* u, const T* v, int64_t n) {
 // code (inv is 0 or NaN), whose scores are never chosen, as after F.normalize.
 template <typename T>
 inline T inverse_norm(const T* row, int64_t dim) {
-  return T(1) / std::max(std::sqrt(squared_norm(row, dim)), T(1e-12));
+  return inverse_of_norm(squared_norm(row, dim));
 }
 
 template <typename T>
@@ -126,7 +158,8 @@ inline void unit_rows(const T* rows, const T* inv, int64_t count, int64_t dim, T
 template <typename T>
 void inverse_norms(const T* codes, int64_t k, int64_t dim, T* inv) {
   at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) inv[c] = inverse_norm(codes + c * dim, dim);
+    squared_norms(codes + begin * dim, end - begin, dim, inv + begin);
+    for (int64_t c = begin; c < end; ++c) inv[c] = inverse_of_norm(inv[c]);
   });
 }
 
@@ -372,12 +405,45 @@ void nearest_code_direct(const at::Tensor& x, const at::Tensor& codes, const T* 
 // same codes back from cache: one pass over the codebook instead of three. Per-tile minima are
 // merged in tile order, so earlier tiles (lower indices) win ties.
 // ---------------------------------------------------------------------------------------------
+// a_out[c] = |c|^2 (given_a when passed) or, cosine (inv_out), a_out[c] = 0 and inv_out[c] =
+// 1 / max(|c|, 1e-12), for `count` consecutive codes.
+template <typename T>
+inline void tile_norms(const T* codes, int64_t count, int64_t dim, const T* given_a, T* a_out,
+                       T* inv_out) {
+  if (inv_out != nullptr) {  // cosine (given_a is never passed)
+    squared_norms(codes, count, dim, inv_out);
+    for (int64_t c = 0; c < count; ++c) {
+      a_out[c] = T(0);
+      inv_out[c] = inverse_of_norm(inv_out[c]);
+    }
+  } else if (given_a != nullptr) {
+    std::copy(given_a, given_a + count, a_out);
+  } else {
+    squared_norms(codes, count, dim, a_out);
+  }
+}
+
+// The few-rows path's per-tile work with n <= kOwnDotMaxRows rows and no BLAS call: the codes'
+// norms (tile_norms), duplicate keys (row_key) and products x_r.c into dots[r * count + j]. The
+// AVX2 and AVX-512 builds specialise it for float32 as one pass that reads each code once.
+template <typename T>
+inline void few_rows_tile(const T* x, int64_t n, const T* codes, int64_t count, int64_t dim,
+                          const T* given_a, T* a_out, T* inv_out, uint64_t* keys, T* dots) {
+  tile_norms(codes, count, dim, given_a, a_out, inv_out);
+  for (int64_t c = 0; c < count; ++c) {
+    keys[c] = row_key(codes + c * dim, dim);
+    row_dots(x, n, dim, codes + c * dim, dots + c, count);
+  }
+}
+
 template <typename T>
 void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T* given_a,
                            T m, T* inv_out, uint64_t* keys, T* a_out, int64_t* indices,
                            T* distances) {
   const int64_t n = x.size(0), k = codes.size(0), dim = x.size(1);
   const T* codes_ptr = codes.data_ptr<T>();
+  const T* x_ptr = x.data_ptr<T>();
+  const bool own_dots = n <= kOwnDotMaxRows;
   const int64_t tiles = (k + kFewRowsTileCodes - 1) / kFewRowsTileCodes;
   std::vector<Best<T>> tile_best(tiles * n);
   dynamic_blocks(tiles, [&](const auto& next_block) {
@@ -391,20 +457,25 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
     for (int64_t t; (t = next_block()) >= 0;) {
       const int64_t code0 = t * kFewRowsTileCodes;
       const int64_t count = std::min(kFewRowsTileCodes, k - code0);
-      for (int64_t c = code0; c < code0 + count; ++c) {
-        const T* row = codes_ptr + c * dim;
-        keys[c] = row_key(row, dim);
-        if (inv_out != nullptr) {  // cosine (given_a is never passed)
-          a_out[c] = T(0);
-          inv_out[c] = inverse_norm(row, dim);
-        } else if (given_a != nullptr) {
-          a_out[c] = given_a[c];
-        } else {
-          a_out[c] = squared_norm(row, dim);
-        }
+      if (own_dots) {  // keys, |c|^2 (or 1/|c|) and x.c in one pass over the tile's codes
+        few_rows_tile(x_ptr, n, codes_ptr + code0 * dim, count, dim,
+                      given_a != nullptr ? given_a + code0 : nullptr, a_out + code0,
+                      inv_out != nullptr ? inv_out + code0 : nullptr, keys + code0,
+                      scratch.data());
+      } else {
+        // |c|^2 of the tile's codes (cosine: their inverse norms), eight codes side by side
+        tile_norms(codes_ptr + code0 * dim, count, dim,
+                   given_a != nullptr ? given_a + code0 : nullptr, a_out + code0,
+                   inv_out != nullptr ? inv_out + code0 : nullptr);
+        for (int64_t c = code0; c < code0 + count; ++c) keys[c] = row_key(codes_ptr + c * dim, dim);
       }
       at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
-      if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
+      if (own_dots) {
+        if (inv_out != nullptr) {  // scale_scores holds: n <= 4 < dim on this path
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < count; ++j) scratch[r * count + j] *= inv_out[code0 + j];
+        }
+      } else if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
         unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
         at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
       } else {

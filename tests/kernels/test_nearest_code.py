@@ -536,6 +536,31 @@ def test_native_few_rows_ties_across_code_tiles():
     assert torch.equal(given.indices, result.indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [7, 300])
+@pytest.mark.parametrize("d", [65, 100, 257])
+def test_native_one_to_four_rows_without_blas(dtype, metric, k, d):
+    # One to four rows with D > 64: each 256-code tile is one pass over its codes (norms, keys
+    # and the rows' products, no BLAS call); five rows go back to the tile GEMM. Every row count
+    # against the oracle, with |c|^2 given and not, K = 7 (one partial group of eight codes) and
+    # 300 (a second, partial tile), D with and without an 8-value or scalar tail; a row searched
+    # alone and beside others chooses the same code.
+    x, codebook = make_inputs(5, k, d, dtype, seed=k + d)
+    codebook[k - 1] = codebook[1]  # a duplicate: the lower index wins
+    x[0] = codebook[1]
+    for n in range(1, 6):
+        result = lgvq_kernels.nearest_code(x[:n], codebook, metric=metric, backend="native")
+        assert_matches_oracle(x[:n], codebook, metric, result.indices, result.distances)
+        assert result.indices[0] == 1
+        alone = lgvq_kernels.nearest_code(x[n - 1:n], codebook, metric=metric, backend="native")
+        assert alone.indices[0] == result.indices[n - 1]
+        if metric == "l2":
+            given = lgvq_kernels.nearest_code(x[:n], codebook, metric=metric, backend="native",
+                                              codebook_sqnorm=(codebook * codebook).sum(1))
+            assert torch.equal(given.indices, result.indices)
+
+
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
 @pytest.mark.parametrize("d", [8, 40, 130])
 def test_cosine_rows_of_any_norm(backend, d):
