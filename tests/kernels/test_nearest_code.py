@@ -382,8 +382,8 @@ def test_reference_grouped_search_and_non_finite_redo(monkeypatch, metric, split
     assert torch.isnan(distances[5])
 
 
-@pytest.mark.parametrize("buckets", [1, 1 << 22], ids=["one_bucket", "hashed"])
-@pytest.mark.parametrize("direct", [0, 1 << 40], ids=["sorted_lookup", "direct_match"])
+@pytest.mark.parametrize("direct, buckets", [(0, 1 << 22), (0, 1), (1 << 40, 1 << 22)],
+                         ids=["hashed_lookup", "one_bucket_lookup", "direct_match"])
 @pytest.mark.parametrize("screen", [4096, 0], ids=["sum_screen", "lookup_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 40, 3000])
@@ -395,8 +395,6 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, buc
     # the row-sum screen in front (K <= its limit) and without; the pairs found by the sorted
     # lookup (behind the first-value hash screen, or with every code in one bucket) or by the
     # direct [K, C] comparison.
-    if direct and buckets == 1:
-        pytest.skip("the direct comparison has no hash screen")
     monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", screen)
     monkeypatch.setattr(reference, "DIRECT_MATCH_MAX_PAIRS", direct)
     monkeypatch.setattr(reference, "MAX_FIRST_VALUE_BUCKETS", buckets)
