@@ -68,8 +68,8 @@ constexpr int64_t kTileCodes = 1024;     // codes per GEMM tile (256 x 1024 x 4 
 constexpr int64_t kDirectBlockRows = 64; // rows per direct-path task
 constexpr int64_t kFewRowsTileCodes = 256;  // few-rows path: 256 codes x D=256 x 4 B stay in L2
 constexpr int64_t kPrefetchCodes = 8;  // few-rows tiles: prefetch distance (2-16 measured alike)
-constexpr int64_t kOwnDotMaxRows = 4;
-constexpr size_t kLinearKeyScan = 16;  // up to this many distinct chosen keys: a linear scan  // few-rows path: up to this many rows, no BLAS (row_dots)
+constexpr int64_t kOwnDotMaxRows = 4;  // few-rows path: up to this many rows, no BLAS call
+constexpr size_t kLinearKeyScan = 16;  // up to this many distinct chosen keys: a linear scan
 
 // Work is handed out block by block from a shared counter to at::get_num_threads() workers,
 // instead of a static split into one range per thread: a worker the OS deschedules (other
@@ -161,52 +161,6 @@ inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, 
     _mm256_storeu_ps(out + c, sum);
   }
   for (; c < count; ++c) out[c] = squared_norm<float>(rows + c * dim, dim);
-}
-
-// x_r . row for float32, R rows at a time: each 16 values of the row loaded once and multiplied
-// into two FMA chains per row (one chain waits on the FMA latency), then added up in a fixed
-// order. The AVX-512 build calls this one (the products are bound by reading the codes).
-template <int R>
-inline void row_dots_block(const float* x, int64_t dim, const float* row, float* out,
-                           int64_t stride) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 2 * kLanes <= dim; d += 2 * kLanes) {
-    const __m256 c0 = _mm256_loadu_ps(row + d), c1 = _mm256_loadu_ps(row + d + kLanes);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), c0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d + kLanes), c1, acc[r][1]);
-    }
-  }
-  if (d + kLanes <= dim) {
-    const __m256 c0 = _mm256_loadu_ps(row + d);
-    for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), c0, acc[r][0]);
-    d += kLanes;
-  }
-  for (int r = 0; r < R; ++r) {
-    float sum = 0;
-    for (int64_t e = d; e < dim; ++e) sum = std::fma(x[r * dim + e], row[e], sum);
-    alignas(32) float part[kLanes];
-    _mm256_store_ps(part, _mm256_add_ps(acc[r][0], acc[r][1]));
-    for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
-    out[r * stride] = sum;
-  }
-}
-
-template <>
-inline void row_dots<float>(const float* x, int64_t n, int64_t dim, const float* row, float* out,
-                            int64_t stride) {
-  switch (n) {
-    case 1: return row_dots_block<1>(x, dim, row, out, stride);
-    case 2: return row_dots_block<2>(x, dim, row, out, stride);
-    case 3: return row_dots_block<3>(x, dim, row, out, stride);
-    default:
-      for (int64_t r = 0; r + 4 <= n; r += 4)
-        row_dots_block<4>(x + r * dim, dim, row, out + r * stride, stride);
-      if (n % 4) row_dots<float>(x + (n - n % 4) * dim, n % 4, dim, row, out + (n - n % 4) * stride, stride);
-  }
 }
 
 // few_rows_tile for float32 and R rows: each code is read once, and every value loaded feeds
@@ -535,12 +489,6 @@ inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, 
                                  int64_t dim, const float* given_a, float* a_out, float* inv_out,
                                  uint64_t* keys, float* dots) {
   avx2::few_rows_tile<float>(x, n, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-}
-
-template <>
-inline void row_dots<float>(const float* x, int64_t n, int64_t dim, const float* row, float* out,
-                            int64_t stride) {
-  avx2::row_dots<float>(x, n, dim, row, out, stride);
 }
 
 // v replaces the lanes of (value, index) where it is strictly lower (NaN never is; +inf never

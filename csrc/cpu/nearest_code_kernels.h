@@ -122,8 +122,8 @@ inline T dot(const T* u, const T* v, int64_t n) {
 // x_r . row for the n <= kOwnDotMaxRows rows of x (contiguous, dim wide) into out[r * stride]:
 // the few-rows path with one to four rows, where a tile's GEMM is a matrix-vector product bound
 // by reading the codes and a BLAS call per 256-code tile costs more than its products. Eight
-// partial sums per row, added up in a fixed order (the AVX2 and AVX-512 builds specialise it
-// for float32 with FMAs).
+// partial sums per row, added up in a fixed order (float32 with AVX2 or AVX-512 never comes
+// here: its few_rows_tile makes the products in its own pass).
 template <typename T>
 inline void row_dots(const T* x, int64_t n, int64_t dim, const T* row, T* out, int64_t stride) {
   for (int64_t r = 0; r < n; ++r) {

@@ -105,8 +105,9 @@ def test_scan_sees_the_avx2_code_of_an_x86_build(tmp_path: Path) -> None:
 # the portable kernels at run time
 # ----------------------------------------------------------------------------------------------
 
-# Runs every CPU op on fixed inputs (D tails of 8 lanes, both nearest-code paths: D <= 32 direct,
-# larger through GEMM tiles; float32/float16/bfloat16, whose kernels have AVX2 versions) and
+# Runs every CPU op on fixed inputs (D tails of 8 lanes, the nearest-code paths: D <= 32 direct,
+# larger through GEMM tiles, three rows at D = 100 through the few-rows tiles without BLAS;
+# float32/float16/bfloat16, whose kernels have AVX2 versions) and
 # saves the outputs. The parent runs it once with LGVQ_NO_AVX2=1 and once without.
 RUN_OPS = r"""
 import sys
@@ -118,7 +119,7 @@ torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 out = {"isa": native.cpu_isa()}
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for n, k, d in ((37, 19, 3), (200, 300, 17), (64, 130, 40), (50, 7, 256)):
+    for n, k, d in ((37, 19, 3), (200, 300, 17), (64, 130, 40), (50, 7, 256), (3, 300, 100)):
         x = torch.randn(n, d, generator=g).to(dtype)
         codebook = torch.randn(k, d, generator=g).to(dtype)
         mask = torch.rand(n, generator=g) < 0.7
