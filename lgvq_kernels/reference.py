@@ -326,6 +326,12 @@ def lowest_chosen_duplicate(codebook: Tensor, indices: Tensor) -> Tensor:
     occupied[_first_value_bucket(chosen_first, buckets)] = True
     code = occupied[_first_value_bucket(first, buckets)].nonzero().squeeze(1)
     values, order = chosen_first.sort(stable=True)
+    # NaN first values sort last and equal nothing; searchsorted must not see them (its binary
+    # search steps right past a NaN, so a finite value could be placed beyond its equal run)
+    comparable = int((~values.isnan()).sum())
+    if comparable == 0:
+        return indices
+    values, order = values[:comparable], order[:comparable]
     candidate = first[code]
     low = torch.searchsorted(values, candidate, right=False)
     # equal first values only where the value at the insertion point equals the code's (NaN:

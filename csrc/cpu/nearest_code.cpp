@@ -189,8 +189,9 @@ inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count
       const float* row = codes + c * dim;
       if (c + kPrefetchCodes < count) {  // the code kPrefetchCodes ahead, line by line
         const char* ahead = reinterpret_cast<const char*>(row + kPrefetchCodes * dim);
-        for (int64_t b = 0; b < dim * int64_t(sizeof(float)); b += 64)
-          _mm_prefetch(ahead + b, _MM_HINT_T0);
+        const int64_t bytes = dim * int64_t(sizeof(float));
+        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        _mm_prefetch(ahead + bytes - 1, _MM_HINT_T0);  // the last line, when the row is unaligned
       }
       __m256 sq[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                       _mm256_setzero_ps()};
@@ -270,7 +271,8 @@ inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, 
     case 1: return few_rows_tile_rows<1>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
     case 2: return few_rows_tile_rows<2>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
     case 3: return few_rows_tile_rows<3>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-    default: return few_rows_tile_rows<4>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+    case 4: return few_rows_tile_rows<4>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+    default: TORCH_INTERNAL_ASSERT(false, "few_rows_tile: 1 to 4 rows, got ", n);
   }
 }
 

@@ -424,6 +424,23 @@ def test_lowest_chosen_duplicate_equals_the_whole_codebook_rule(monkeypatch, buc
         assert single.tolist() == reference.lowest_duplicate(codebook)[[one]].tolist()
 
 
+@pytest.mark.parametrize("buckets", [1, 1 << 22], ids=["one_bucket", "hashed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_chosen_code_with_a_nan_first_value_hides_no_duplicate(monkeypatch, buckets, dtype):
+    # code 0 (chosen, e.g. by a row whose scores are all non-finite) starts with NaN; it sorts
+    # last among the chosen first values, and the look-up must still find code 2 = code 5
+    monkeypatch.setattr(reference, "SUM_SCREEN_MAX_CODES", 0)
+    monkeypatch.setattr(reference, "DIRECT_MATCH_MAX_PAIRS", 0)
+    monkeypatch.setattr(reference, "MAX_FIRST_VALUE_BUCKETS", buckets)
+    codebook = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    codebook[0, 0] = float("nan")
+    codebook[2] = codebook[5]
+    got = reference.lowest_chosen_duplicate(codebook, torch.tensor([0, 5]))
+    assert got.tolist() == [0, 2]
+    codebook[:, 0] = float("nan")  # every first value NaN: nothing can be compared
+    assert reference.lowest_chosen_duplicate(codebook, torch.tensor([0, 5])).tolist() == [0, 5]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("buckets", [1024, 1 << 14, 1 << 22])
 def test_first_value_buckets_put_equal_values_together(dtype, buckets):
