@@ -100,9 +100,22 @@ namespace avx2 {
 
 // |row|^2 for float32 in 4 x 8 partial sums of FMAs, added up in a fixed order: one 8-lane
 // chain waited on the FMA latency (4 cycles per 8 values; ~0.4 ms of the 1x16384x256 search on
-// 2 threads). The AVX-512 build calls this one, so both give the same |c|^2.
-template <>
-inline float squared_norm<float>(const float* row, int64_t dim) {
+// 2 threads). The AVX-512 build calls this one, so both give the same |c|^2. In three steps,
+// shared by squared_norm, squared_norms and the one-pass few-rows tile (few_rows_tile_rows):
+//  * squared_norm_parts: four 8-lane FMA chains over steps of 32 values, then steps of 8 into
+//    the first, stored to part[0..31]; returns the FMA sum of the last dim % 8 values. `each`
+//    sees every loaded 8-value vector with its offset and chain (the tile's products and key);
+//  * ordered_norm_sum: tail + part[0] + ... + part[31], in that order;
+//  * ordered_norm_sums: that sum for a group of up to eight rows, a full group in the lanes of
+//    one register (lane i adds what row i's scalar sum adds, in the same order: the same value
+//    bit for bit). One row at a time, its 32 dependent adds took ~45% of the few-rows path's
+//    samples (perf, 1x16384x256, one thread, 2-core Xeon).
+struct NoVectorUse {
+  void operator()(__m256, int64_t, int) const {}
+};
+
+template <typename Each = NoVectorUse>
+inline float squared_norm_parts(const float* row, int64_t dim, float* part, Each&& each = {}) {
   __m256 lane[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                     _mm256_setzero_ps()};
   int64_t d = 0;
@@ -110,63 +123,58 @@ inline float squared_norm<float>(const float* row, int64_t dim) {
     for (int h = 0; h < 4; ++h) {
       const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
       lane[h] = _mm256_fmadd_ps(v, v, lane[h]);
+      each(v, d + h * kLanes, h);
     }
   for (; d + kLanes <= dim; d += kLanes) {
     const __m256 v = _mm256_loadu_ps(row + d);
     lane[0] = _mm256_fmadd_ps(v, v, lane[0]);
+    each(v, d, 0);
   }
   float sum = 0;
   for (; d < dim; ++d) sum = std::fma(row[d], row[d], sum);
-  alignas(32) float part[4][kLanes];
-  for (int h = 0; h < 4; ++h) _mm256_store_ps(part[h], lane[h]);
-  for (int h = 0; h < 4; ++h)
-    for (int64_t l = 0; l < kLanes; ++l) sum += part[h][l];
+  for (int h = 0; h < 4; ++h) _mm256_storeu_ps(part + h * kLanes, lane[h]);
   return sum;
 }
 
-// squared_norm of `count` consecutive rows, eight rows at a time: each row's four FMA chains and
-// scalar tail as in squared_norm, then the eight rows' ordered sums of their 32 partials run side
-// by side in the lanes of one register (lane i adds exactly what row i's scalar sum adds, in the
-// same order: the same value bit for bit). One row at a time, its 32 dependent adds took ~45% of
-// the few-rows path's samples (perf, 1x16384x256, one thread, 2-core Xeon).
-template <>
-inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, float* out) {
-  alignas(32) float part[kLanes][4 * kLanes];  // part[i]: row i's 32 partial sums, in order
-  alignas(32) float tail[kLanes];
-  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
-  int64_t c = 0;
-  for (; c + kLanes <= count; c += kLanes) {
-    for (int64_t i = 0; i < kLanes; ++i) {
-      const float* row = rows + (c + i) * dim;
-      __m256 lane[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
-      int64_t d = 0;
-      for (; d + 4 * kLanes <= dim; d += 4 * kLanes)
-        for (int h = 0; h < 4; ++h) {
-          const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
-          lane[h] = _mm256_fmadd_ps(v, v, lane[h]);
-        }
-      for (; d + kLanes <= dim; d += kLanes) {
-        const __m256 v = _mm256_loadu_ps(row + d);
-        lane[0] = _mm256_fmadd_ps(v, v, lane[0]);
-      }
-      float sum = 0;
-      for (; d < dim; ++d) sum = std::fma(row[d], row[d], sum);
-      tail[i] = sum;
-      for (int h = 0; h < 4; ++h) _mm256_store_ps(part[i] + h * kLanes, lane[h]);
-    }
-    __m256 sum = _mm256_load_ps(tail);
-    for (int j = 0; j < 4 * kLanes; ++j)
-      sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
-    _mm256_storeu_ps(out + c, sum);
-  }
-  for (; c < count; ++c) out[c] = squared_norm<float>(rows + c * dim, dim);
+inline float ordered_norm_sum(float tail, const float* part) {
+  for (int64_t j = 0; j < 4 * kLanes; ++j) tail += part[j];
+  return tail;
 }
 
-// few_rows_tile for float32 and R rows: each code is read once, and every value loaded feeds
-// the |c|^2 chains (exactly squared_norm's four chains, scalar tail and ordered sum, the last
-// run for eight codes at once as in squared_norms), two FMA chains per row of x for x_r.c and
-// the duplicate key. The key here is the codes' 32-bit patterns summed in eight wrapping lanes,
+inline void ordered_norm_sums(const float (*part)[4 * kLanes], const float* tail, int64_t group,
+                              float* out) {
+  if (group < kLanes) {
+    for (int64_t i = 0; i < group; ++i) out[i] = ordered_norm_sum(tail[i], part[i]);
+    return;
+  }
+  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  __m256 sum = _mm256_loadu_ps(tail);
+  for (int j = 0; j < 4 * kLanes; ++j)
+    sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
+  _mm256_storeu_ps(out, sum);
+}
+
+template <>
+inline float squared_norm<float>(const float* row, int64_t dim) {
+  float part[4 * kLanes];
+  const float tail = squared_norm_parts(row, dim, part);
+  return ordered_norm_sum(tail, part);
+}
+
+template <>
+inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, float* out) {
+  float part[kLanes][4 * kLanes];  // part[i]: row i's 32 partial sums, in order
+  float tail[kLanes];
+  for (int64_t c = 0; c < count; c += kLanes) {
+    const int64_t group = std::min<int64_t>(kLanes, count - c);
+    for (int64_t i = 0; i < group; ++i) tail[i] = squared_norm_parts(rows + (c + i) * dim, dim, part[i]);
+    ordered_norm_sums(part, tail, group, out + c);
+  }
+}
+
+// few_rows_tile for float32 and R rows: each code is read once (squared_norm_parts), and every
+// vector loaded feeds the |c|^2 chains, two FMA chains per row of x for x_r.c and the duplicate
+// key; the |c|^2 sums then run eight codes at once (ordered_norm_sums, as squared_norms). The key here is the codes' 32-bit patterns summed in eight wrapping lanes,
 // the lanes then weighted by 1, 3, ..., 15 (equal codes have equal keys; it differs from
 // row_key, but a call compares only keys that one path made). Each code's read is prefetched
 // kPrefetchCodes codes ahead. Measured at 1 x 16384 x 256 (2-core Xeon, kernel alone, with the
@@ -176,11 +184,10 @@ template <int R>
 inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count, int64_t dim,
                                const float* given_a, float* a_out, float* inv_out,
                                uint64_t* keys, float* dots) {
-  alignas(32) float part[kLanes][4 * kLanes];  // part[i]: code i's 32 |c|^2 partials, in order
-  alignas(32) float tail[kLanes];
+  float part[kLanes][4 * kLanes];  // part[i]: code i's 32 |c|^2 partials, in order
+  float tail[kLanes];
   alignas(32) float lanes[kLanes];
   alignas(32) uint32_t key_lanes[kLanes];
-  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
   const bool norms = given_a == nullptr;
   for (int64_t c0 = 0; c0 < count; c0 += kLanes) {
     const int64_t group = std::min<int64_t>(kLanes, count - c0);
@@ -193,39 +200,22 @@ inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count
         for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
         _mm_prefetch(ahead + bytes - 1, _MM_HINT_T0);  // the last line, when the row is unaligned
       }
-      __m256 sq[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps()};
       __m256 acc[R][2];
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       __m256i key = _mm256_setzero_si256();
-      int64_t d = 0;
-      for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
-        for (int h = 0; h < 4; ++h) {
-          const __m256 v = _mm256_loadu_ps(row + d + h * kLanes);
-          sq[h] = _mm256_fmadd_ps(v, v, sq[h]);
-          key = _mm256_add_epi32(key, _mm256_castps_si256(v));
-          for (int r = 0; r < R; ++r)
-            acc[r][h & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d + h * kLanes), v,
-                                            acc[r][h & 1]);
-        }
-      }
-      for (; d + kLanes <= dim; d += kLanes) {
-        const __m256 v = _mm256_loadu_ps(row + d);
-        sq[0] = _mm256_fmadd_ps(v, v, sq[0]);
+      tail[i] = squared_norm_parts(row, dim, part[i], [&](__m256 v, int64_t at, int chain) {
         key = _mm256_add_epi32(key, _mm256_castps_si256(v));
         for (int r = 0; r < R; ++r)
-          acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + d), v, acc[r][0]);
-      }
-      float sum = 0;
+          acc[r][chain & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + at), v,
+                                              acc[r][chain & 1]);
+      });
+      const int64_t d = dim - dim % kLanes;  // where the vectors end
       uint64_t key_sum = 0;
       for (int64_t e = d; e < dim; ++e) {
-        sum = std::fma(row[e], row[e], sum);
         uint32_t bits;
         std::memcpy(&bits, row + e, sizeof(bits));
         key_sum += bits;
       }
-      tail[i] = sum;
-      for (int h = 0; h < 4; ++h) _mm256_store_ps(part[i] + h * kLanes, sq[h]);
       _mm256_store_si256(reinterpret_cast<__m256i*>(key_lanes), key);
       for (int64_t l = 0; l < kLanes; ++l) key_sum += uint64_t(key_lanes[l]) * uint64_t(2 * l + 1);
       keys[c] = key_sum;
@@ -241,19 +231,7 @@ inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count
       std::copy(given_a + c0, given_a + c0 + group, a_out + c0);
       continue;
     }
-    float* norm_out = inv_out != nullptr ? inv_out : a_out;
-    if (group == kLanes) {
-      __m256 sum = _mm256_load_ps(tail);
-      for (int j = 0; j < 4 * kLanes; ++j)
-        sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
-      _mm256_storeu_ps(norm_out + c0, sum);
-    } else {  // the last, partial group: squared_norm's own ordered sum, code by code
-      for (int64_t i = 0; i < group; ++i) {
-        float sum = tail[i];
-        for (int j = 0; j < 4 * kLanes; ++j) sum += part[i][j];
-        norm_out[c0 + i] = sum;
-      }
-    }
+    ordered_norm_sums(part, tail, group, inv_out != nullptr ? inv_out + c0 : a_out + c0);
     if (inv_out != nullptr) {
       for (int64_t i = 0; i < group; ++i) {
         a_out[c0 + i] = 0.0f;

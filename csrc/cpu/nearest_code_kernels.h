@@ -84,20 +84,26 @@ inline uint64_t row_key(const T* row, int64_t dim) {
   return key;
 }
 
-// |row|^2 in 8 independent partial sums, added up in a fixed order: vectorised without
-// reassociating (a serial sum is not). The AVX2 and AVX-512 builds specialise it for float32
+// u.v in 8 independent partial sums, added up in a fixed order: vectorised without
+// reassociating (a serial sum is not). |row|^2 is row.row; the AVX2 and AVX-512 builds
+// specialise squared_norm for float32
 // with explicit FMAs in more chains (left to itself GCC's AVX-512 build of this loop went to
 // scalar adds and shuffles: 1x16384x256 took 1.6 ms against 0.46 ms for addmm + argmin).
 template <typename T>
-inline T squared_norm(const T* row, int64_t dim) {
+inline T lane_dot(const T* u, const T* v, int64_t dim) {
   T lane[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= dim; d += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * row[d + l];
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += u[d + l] * v[d + l];
   T sum = 0;
-  for (; d < dim; ++d) sum += row[d] * row[d];
+  for (; d < dim; ++d) sum += u[d] * v[d];
   for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
   return sum;
+}
+
+template <typename T>
+inline T squared_norm(const T* row, int64_t dim) {
+  return lane_dot(row, row, dim);
 }
 
 // squared_norm of `count` consecutive rows into out (the AVX2 and AVX-512 builds specialise it
@@ -122,21 +128,11 @@ inline T dot(const T* u, const T* v, int64_t n) {
 // x_r . row for the n <= kOwnDotMaxRows rows of x (contiguous, dim wide) into out[r * stride]:
 // the few-rows path with one to four rows, where a tile's GEMM is a matrix-vector product bound
 // by reading the codes and a BLAS call per 256-code tile costs more than its products. Eight
-// partial sums per row, added up in a fixed order (float32 with AVX2 or AVX-512 never comes
-// here: its few_rows_tile makes the products in its own pass).
+// partial sums per row (lane_dot: squared_norm's order), added up in a fixed order (float32
+// with AVX2 or AVX-512 never comes here: its few_rows_tile makes the products in its own pass).
 template <typename T>
 inline void row_dots(const T* x, int64_t n, int64_t dim, const T* row, T* out, int64_t stride) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T* xr = x + r * dim;
-    T lane[kLanes] = {};
-    int64_t d = 0;
-    for (; d + kLanes <= dim; d += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lane[l] += xr[d + l] * row[d + l];
-    T sum = 0;
-    for (; d < dim; ++d) sum += xr[d] * row[d];
-    for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
-    out[r * stride] = sum;
-  }
+  for (int64_t r = 0; r < n; ++r) out[r * stride] = lane_dot(x + r * dim, row, dim);
 }
 
 // Cosine takes codes of any norm: the search reads unit codes c * inv, inv = 1 / max(|c|,
@@ -469,21 +465,18 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
                    inv_out != nullptr ? inv_out + code0 : nullptr);
         for (int64_t c = code0; c < code0 + count; ++c) keys[c] = row_key(codes_ptr + c * dim, dim);
       }
-      at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
-      if (own_dots) {
-        if (inv_out != nullptr) {  // scale_scores holds: n <= 4 < dim on this path
-          for (int64_t r = 0; r < n; ++r)
-            for (int64_t j = 0; j < count; ++j) scratch[r * count + j] *= inv_out[code0 + j];
+      if (!own_dots) {
+        at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
+        if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
+          unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
+          at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
+        } else {
+          at::mm_out(out, x, codes.narrow(0, code0, count).t());
         }
-      } else if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
-        unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
-        at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
-      } else {
-        at::mm_out(out, x, codes.narrow(0, code0, count).t());
-        if (inv_out != nullptr) {
-          for (int64_t r = 0; r < n; ++r)
-            for (int64_t j = 0; j < count; ++j) scratch[r * count + j] *= inv_out[code0 + j];
-        }
+      }
+      if (inv_out != nullptr && scale_scores) {  // (always with own_dots: n <= 4 < dim here)
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < count; ++j) scratch[r * count + j] *= inv_out[code0 + j];
       }
       for (int64_t r = 0; r < n; ++r)
         scan_scores<T>(scratch.data() + r * count, a_out + code0, m, count, code0, tile_best[t * n + r]);
