@@ -147,10 +147,28 @@ inline void ordered_norm_sums(const float (*part)[4 * kLanes], const float* tail
     for (int64_t i = 0; i < group; ++i) out[i] = ordered_norm_sum(tail[i], part[i]);
     return;
   }
-  const __m256i stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  // part[i][j] into lane i, j = 0..31 in order: four 8 x 8 transposes (shuffles; the 32
+  // gathers they replace took ~15% of the one-pass tile's samples on the Xeon)
   __m256 sum = _mm256_loadu_ps(tail);
-  for (int j = 0; j < 4 * kLanes; ++j)
-    sum = _mm256_add_ps(sum, _mm256_i32gather_ps(&part[0][j], stride, 4));
+  for (int h = 0; h < 4; ++h) {
+    __m256 r[kLanes], t[kLanes];
+    for (int i = 0; i < kLanes; ++i) r[i] = _mm256_loadu_ps(&part[i][h * kLanes]);
+    for (int i = 0; i < kLanes; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // r_i[0] r_i+1[0] r_i[1] r_i+1[1] | [4], [5]
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // [2], [3] | [6], [7]
+    }
+    for (int i = 0; i < kLanes; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // column 0 (| 4) of rows i..i+3
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // column 1 (| 5)
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);  // column 2 (| 6)
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);  // column 3 (| 7)
+    }
+    for (int l = 0; l < 4; ++l) {
+      t[l] = _mm256_permute2f128_ps(r[l], r[l + 4], 0x20);      // column l of rows 0..7
+      t[l + 4] = _mm256_permute2f128_ps(r[l], r[l + 4], 0x31);  // column l + 4
+    }
+    for (int l = 0; l < kLanes; ++l) sum = _mm256_add_ps(sum, t[l]);
+  }
   _mm256_storeu_ps(out, sum);
 }
 
