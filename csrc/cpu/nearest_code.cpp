@@ -100,7 +100,8 @@ namespace avx2 {
 
 // |row|^2 for float32 in 4 x 8 partial sums of FMAs, added up in a fixed order: one 8-lane
 // chain waited on the FMA latency (4 cycles per 8 values; ~0.4 ms of the 1x16384x256 search on
-// 2 threads). The AVX-512 build calls this one, so both give the same |c|^2. In three steps,
+// 2 threads). The AVX-512 build calls this one (its one-pass tile sums its own loads in this
+// order), so both give the same |c|^2. In three steps,
 // shared by squared_norm, squared_norms and the one-pass few-rows tile (few_rows_tile_rows):
 //  * squared_norm_parts: four 8-lane FMA chains over steps of 32 values, then steps of 8 into
 //    the first, stored to part[0..31]; returns the FMA sum of the last dim % 8 values. `each`
@@ -190,87 +191,59 @@ inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, 
   }
 }
 
-// few_rows_tile for float32 and R rows: each code is read once (squared_norm_parts), and every
-// vector loaded feeds the |c|^2 chains, two FMA chains per row of x for x_r.c and the duplicate
-// key; the |c|^2 sums then run eight codes at once (ordered_norm_sums, as squared_norms). The key here is the codes' 32-bit patterns summed in eight wrapping lanes,
-// the lanes then weighted by 1, 3, ..., 15 (equal codes have equal keys; it differs from
-// row_key, but a call compares only keys that one path made). Each code's read is prefetched
-// kPrefetchCodes codes ahead. Measured at 1 x 16384 x 256 (2-core Xeon, kernel alone, with the
-// linear key scan below): 0.40-0.47 ms on 2 threads, 0.71-0.80 ms on one, against 0.81 / 1.3 ms
-// for separate passes with a BLAS call per tile; MKL's bare product 0.34 / 0.60 ms.
-template <int R>
-inline void few_rows_tile_rows(const float* x, const float* codes, int64_t count, int64_t dim,
-                               const float* given_a, float* a_out, float* inv_out,
-                               uint64_t* keys, float* dots) {
-  float part[kLanes][4 * kLanes];  // part[i]: code i's 32 |c|^2 partials, in order
-  float tail[kLanes];
-  alignas(32) float lanes[kLanes];
-  alignas(32) uint32_t key_lanes[kLanes];
-  const bool norms = given_a == nullptr;
-  for (int64_t c0 = 0; c0 < count; c0 += kLanes) {
-    const int64_t group = std::min<int64_t>(kLanes, count - c0);
-    for (int64_t i = 0; i < group; ++i) {
-      const int64_t c = c0 + i;
-      const float* row = codes + c * dim;
-      if (c + kPrefetchCodes < count) {  // the code kPrefetchCodes ahead, line by line
-        const char* ahead = reinterpret_cast<const char*>(row + kPrefetchCodes * dim);
-        const int64_t bytes = dim * int64_t(sizeof(float));
-        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-        _mm_prefetch(ahead + bytes - 1, _MM_HINT_T0);  // the last line, when the row is unaligned
-      }
-      __m256 acc[R][2];
-      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      __m256i key = _mm256_setzero_si256();
-      tail[i] = squared_norm_parts(row, dim, part[i], [&](__m256 v, int64_t at, int chain) {
-        key = _mm256_add_epi32(key, _mm256_castps_si256(v));
-        for (int r = 0; r < R; ++r)
-          acc[r][chain & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + at), v,
-                                              acc[r][chain & 1]);
-      });
-      const int64_t d = dim - dim % kLanes;  // where the vectors end
-      uint64_t key_sum = 0;
-      for (int64_t e = d; e < dim; ++e) {
-        uint32_t bits;
-        std::memcpy(&bits, row + e, sizeof(bits));
-        key_sum += bits;
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(key_lanes), key);
-      for (int64_t l = 0; l < kLanes; ++l) key_sum += uint64_t(key_lanes[l]) * uint64_t(2 * l + 1);
-      keys[c] = key_sum;
-      for (int r = 0; r < R; ++r) {
-        float total = 0;
-        for (int64_t e = d; e < dim; ++e) total = std::fma(x[r * dim + e], row[e], total);
-        _mm256_store_ps(lanes, _mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-        dots[r * count + c] = total;
-      }
-    }
-    if (!norms) {
-      std::copy(given_a + c0, given_a + c0 + group, a_out + c0);
-      continue;
-    }
-    ordered_norm_sums(part, tail, group, inv_out != nullptr ? inv_out + c0 : a_out + c0);
-    if (inv_out != nullptr) {
-      for (int64_t i = 0; i < group; ++i) {
-        a_out[c0 + i] = 0.0f;
-        inv_out[c0 + i] = inverse_of_norm(inv_out[c0 + i]);
-      }
-    }
-  }
+// code_pass's last steps, shared with the AVX-512 build: x_r.c from its eight lanes (the FMA
+// sum of the last dim % 8 products, then the lanes in order) and the key from its eight lanes
+// (the last dim % 8 values' bit patterns, then lane l weighted by 2l + 1).
+inline float code_pass_dot(const float* xr, const float* row, int64_t dim, const float* lanes) {
+  float total = 0;
+  for (int64_t e = dim - dim % kLanes; e < dim; ++e) total = std::fma(xr[e], row[e], total);
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
-template <>
-inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, int64_t count,
-                                 int64_t dim, const float* given_a, float* a_out, float* inv_out,
-                                 uint64_t* keys, float* dots) {
-  switch (n) {
-    case 1: return few_rows_tile_rows<1>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-    case 2: return few_rows_tile_rows<2>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-    case 3: return few_rows_tile_rows<3>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-    case 4: return few_rows_tile_rows<4>(x, codes, count, dim, given_a, a_out, inv_out, keys, dots);
-    default: TORCH_INTERNAL_ASSERT(false, "few_rows_tile: 1 to 4 rows, got ", n);
+inline uint64_t code_pass_key(const float* row, int64_t dim, const uint32_t* key_lanes) {
+  uint64_t key = 0;
+  for (int64_t e = dim - dim % kLanes; e < dim; ++e) {
+    uint32_t bits;
+    std::memcpy(&bits, row + e, sizeof(bits));
+    key += bits;
   }
+  for (int64_t l = 0; l < kLanes; ++l) key += uint64_t(key_lanes[l]) * uint64_t(2 * l + 1);
+  return key;
 }
+
+// One code of the few-rows tile (float32, R rows, AVX2): the code is read once
+// (squared_norm_parts), and every vector loaded feeds the |c|^2 chains, two FMA chains per row
+// of x for x_r.c and the duplicate key. Writes the code's 32 |c|^2 partials to part and
+// returns their tail sum; key_out, the codes' 32-bit patterns summed in eight wrapping lanes,
+// the lanes then weighted by 1, 3, ..., 15 (equal codes have equal keys; it differs from
+// row_key, but a call compares only keys that one path made); dots[r * stride] = x_r.c: the
+// two chains added lane by lane, then the FMA sum of the last dim % 8 products plus the eight
+// lanes in order. The AVX-512 build has its own (avx512::code_pass), bit for bit this one.
+template <int R>
+inline float code_pass(const float* x, const float* row, int64_t dim, float* part,
+                       uint64_t& key_out, float* dots, int64_t stride) {
+  alignas(32) float lanes[kLanes];
+  alignas(32) uint32_t key_lanes[kLanes];
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256i key = _mm256_setzero_si256();
+  const float tail = squared_norm_parts(row, dim, part, [&](__m256 v, int64_t at, int chain) {
+    key = _mm256_add_epi32(key, _mm256_castps_si256(v));
+    for (int r = 0; r < R; ++r)
+      acc[r][chain & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * dim + at), v,
+                                          acc[r][chain & 1]);
+  });
+  _mm256_store_si256(reinterpret_cast<__m256i*>(key_lanes), key);
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(lanes, _mm256_add_ps(acc[r][0], acc[r][1]));
+    dots[r * stride] = code_pass_dot(x + r * dim, row, dim, lanes);
+  }
+  key_out = code_pass_key(row, dim, key_lanes);
+  return tail;
+}
+
+#include "few_rows_tile.h"  // few_rows_tile<float> over code_pass<R>
 
 // v replaces the lanes of (value, index) where it is finite and strictly lower: +inf fails the
 // first test, NaN both, -inf the second.
@@ -482,12 +455,59 @@ inline void squared_norms<float>(const float* rows, int64_t count, int64_t dim, 
   avx2::squared_norms<float>(rows, count, dim, out);
 }
 
-template <>
-inline void few_rows_tile<float>(const float* x, int64_t n, const float* codes, int64_t count,
-                                 int64_t dim, const float* given_a, float* a_out, float* inv_out,
-                                 uint64_t* keys, float* dots) {
-  avx2::few_rows_tile<float>(x, n, codes, count, dim, given_a, a_out, inv_out, keys, dots);
+// avx2::code_pass at 16 lanes, bit for bit: a 32-value step's two loads hold the four 8-lane
+// |c|^2 chains as (0 | 1) and (2 | 3), the same FMAs per lane; one 16-lane accumulator per row
+// of x holds the two product chains (0 and 2 into its low half, 1 and 3 into its high half, in
+// that order, as avx2's acc[0] and acc[1]); the 8-value steps go to the low halves (masked).
+// Half the loads and FMAs of the AVX2 pass.
+template <int R>
+inline float code_pass(const float* x, const float* row, int64_t dim, float* part,
+                       uint64_t& key_out, float* dots, int64_t stride) {
+  alignas(32) float lanes[kLanes];
+  alignas(32) uint32_t key_lanes[kLanes];
+  __m512 norm01 = _mm512_setzero_ps(), norm23 = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512i key = _mm512_setzero_si512();
+  int64_t d = 0;
+  for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+    const __m512 v01 = _mm512_loadu_ps(row + d), v23 = _mm512_loadu_ps(row + d + kWide);
+    norm01 = _mm512_fmadd_ps(v01, v01, norm01);
+    norm23 = _mm512_fmadd_ps(v23, v23, norm23);
+    key = _mm512_add_epi32(key, _mm512_add_epi32(_mm512_castps_si512(v01),
+                                                 _mm512_castps_si512(v23)));
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * dim + d), v01, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * dim + d + kWide), v23, acc[r]);
+    }
+  }
+  constexpr __mmask16 kLow = 0x00FF;
+  for (; d + kLanes <= dim; d += kLanes) {
+    const __m512 v = _mm512_maskz_loadu_ps(kLow, row + d);
+    norm01 = _mm512_mask3_fmadd_ps(v, v, norm01, kLow);
+    key = _mm512_add_epi32(key, _mm512_castps_si512(v));  // zeros in the high half
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(kLow, x + r * dim + d), v, acc[r],
+                                     kLow);
+  }
+  float tail = 0;
+  for (; d < dim; ++d) tail = std::fma(row[d], row[d], tail);
+  _mm512_storeu_ps(part, norm01);
+  _mm512_storeu_ps(part + kWide, norm23);
+  const __m256i key8 = _mm256_add_epi32(_mm512_castsi512_si256(key),
+                                        _mm512_extracti64x4_epi64(key, 1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(key_lanes), key8);
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(lanes, _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                                         _mm512_extractf32x8_ps(acc[r], 1)));
+    dots[r * stride] = avx2::code_pass_dot(x + r * dim, row, dim, lanes);
+  }
+  key_out = avx2::code_pass_key(row, dim, key_lanes);
+  return tail;
 }
+
+using avx2::ordered_norm_sums;
+#include "few_rows_tile.h"  // few_rows_tile<float> over this code_pass<R>
 
 // v replaces the lanes of (value, index) where it is strictly lower (NaN never is; +inf never
 // beats the +inf start). kFinite: and greater than -inf. Without it a lane may take -inf; it

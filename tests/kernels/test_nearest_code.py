@@ -501,7 +501,8 @@ def _native_isa() -> str:
                     reason="the CPU has no AVX-512 (or the native extension is not built)")
 def test_avx512_search_chooses_as_avx2():
     # The AVX-512 kernels sum each lane as the AVX2 ones do: the same indices, exactly. Shapes
-    # where both take the same path: D <= 64 direct, few rows, GEMM tiles at D > 1024 (with
+    # where both take the same path: D <= 64 direct, few rows (one to four rows: the one-pass
+    # tiles, whose AVX-512 pass sums as the AVX2 one), GEMM tiles at D > 1024 (with
     # AVX2 alone float32 takes the direct kernel up to D = 1024, the AVX-512 build GEMM tiles). The
     # distances are recomputed from the chosen code by plain C++ that the compiler builds for
     # each instruction set (measured: 1 ulp apart on a few rows), so they are held to rounding.
@@ -509,9 +510,10 @@ def test_avx512_search_chooses_as_avx2():
         "import sys, torch, lgvq_kernels._C as C\n"
         "g = torch.Generator().manual_seed(0); out = {'isa': C.cpu_isa()}\n"
         "for n, k, d in ((37, 19, 3), (1000, 1000, 32), (513, 1030, 64), (200, 300, 100),\n"
-        "                (600, 300, 1100)):\n"
+        "                (600, 300, 1100), (1, 700, 257), (4, 300, 100), (2, 1030, 72),\n"
+        "                (3, 513, 87)):\n"
         "    x = torch.randn(n, d, generator=g); c = torch.randn(k, d, generator=g)\n"
-        "    x[3, 0] = float('nan'); c[5] = float('inf')\n"
+        "    x[3 if n > 3 else 0, 0] = float('nan') if n != 1 else 0.0; c[5] = float('inf')\n"
         "    unit = torch.nn.functional.normalize(c, dim=1)\n"
         "    out[(n, k, d)] = (torch.ops.lgvq_C.nearest_code(x, c, None, False),\n"
         "                      torch.ops.lgvq_C.nearest_code(x, unit, None, True))\n"
