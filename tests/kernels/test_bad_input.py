@@ -85,7 +85,10 @@ MISTAKES = {
                                    _nearest(metric="cosine", codebook_sqnorm=torch.randn(5)),
                                    ValueError, "l2"),
     "nearest/device": ("nearest_code", _nearest(codebook=torch.randn(5, 3, device=META)),
-                       ValueError, "one device"),
+                       ValueError, "codebook is on meta.*one device"),
+    "nearest/sqnorm-device": ("nearest_code",
+                              _nearest(codebook_sqnorm=torch.ones(5, device=META)),
+                              ValueError, "codebook_sqnorm is on meta.*one device"),
     "nearest/backend-name": ("nearest_code", lambda backend: lgvq_kernels.nearest_code(
         torch.randn(2, 3), torch.randn(4, 3), backend="fastest"), ValueError,
         "backend must be one of"),
