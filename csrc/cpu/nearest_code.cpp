@@ -772,9 +772,13 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = x.size(0), k = codebook.size(0), dim = x.size(1);
 
-  // Low precision is widened once here: O(N*D + K*D), never N*K.
-  const at::Tensor xc = x.to(compute).contiguous();
-  const at::Tensor cc = codebook.to(compute).contiguous();
+  // Low precision is widened once here: O(N*D + K*D), never N*K. Detached: the GEMM tiles call
+  // at::mm_out on pool threads, which do not inherit this thread's below-autograd dispatch
+  // state, so an input that requires grad (the registered op's autograd formula calls this
+  // kernel with one) made mm_out refuse ("functions with out=... arguments don't support
+  // automatic differentiation") with 2+ threads, 5-256 rows at D > 64 or the GEMM tiles.
+  const at::Tensor xc = x.detach().to(compute).contiguous();
+  const at::Tensor cc = codebook.detach().to(compute).contiguous();
   at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor distances = at::empty({n}, x.options().dtype(compute));
   if (n == 0) return {indices, distances};

@@ -506,6 +506,9 @@ def test_avx512_search_chooses_as_avx2():
     # AVX2 alone float32 takes the direct kernel up to D = 1024, the AVX-512 build GEMM tiles). The
     # distances are recomputed from the chosen code by plain C++ that the compiler builds for
     # each instruction set (measured: 1 ulp apart on a few rows), so they are held to rounding.
+    # Codes that permute one vector, against a constant x, score equal but for rounding: there
+    # the choice shows a change in the order of any sum (found in review: on random codes a
+    # swapped pair of FMAs moved no index).
     script = (
         "import sys, torch, lgvq_kernels._C as C\n"
         "g = torch.Generator().manual_seed(0); out = {'isa': C.cpu_isa()}\n"
@@ -513,10 +516,19 @@ def test_avx512_search_chooses_as_avx2():
         "                (600, 300, 1100), (1, 700, 257), (4, 300, 100), (2, 1030, 72),\n"
         "                (3, 513, 87)):\n"
         "    x = torch.randn(n, d, generator=g); c = torch.randn(k, d, generator=g)\n"
+        "    # a NaN in row 3 (one-row shapes: none, or the whole search would be of a NaN row)\n"
         "    x[3 if n > 3 else 0, 0] = float('nan') if n != 1 else 0.0; c[5] = float('inf')\n"
         "    unit = torch.nn.functional.normalize(c, dim=1)\n"
         "    out[(n, k, d)] = (torch.ops.lgvq_C.nearest_code(x, c, None, False),\n"
         "                      torch.ops.lgvq_C.nearest_code(x, unit, None, True))\n"
+        "for n, k, d in ((1, 700, 257), (4, 300, 100), (2, 1030, 72), (3, 513, 87)):\n"
+        "    # codes that permute one vector against a constant x: every score is equal in exact\n"
+        "    # arithmetic, so the choice rests on rounding alone (the order of every sum)\n"
+        "    base = torch.randn(d, generator=g)\n"
+        "    c = torch.stack([base[torch.randperm(d, generator=g)] for _ in range(k)])\n"
+        "    x = torch.full((n, d), 0.75)\n"
+        "    out[('permuted', n, k, d)] = (torch.ops.lgvq_C.nearest_code(x, c, None, False),\n"
+        "                                  torch.ops.lgvq_C.nearest_code(x, c, None, True))\n"
         "torch.save(out, sys.argv[1])\n")
     runs = {}
     for name, env_value in (("avx512", None), ("avx2", "1")):
@@ -536,6 +548,30 @@ def test_avx512_search_chooses_as_avx2():
             assert torch.equal(wide[0], narrow[0]), (shape, metric)
             torch.testing.assert_close(wide[1], narrow[1], rtol=1e-6, atol=1e-6,
                                        equal_nan=True, msg=f"{shape} {metric}")
+
+
+@pytest.mark.parametrize("n,d,k", [(6, 100, 4096), (300, 1100, 600)], ids=["few-rows-tiles", "gemm-tiles"])
+def test_native_search_with_inputs_that_require_grad_on_two_threads(n, d, k):
+    # The tile paths call at::mm_out on pool threads, which do not inherit the caller's
+    # below-autograd state: inputs that require grad made mm_out raise there with 2+ threads
+    # (found in review; 5-256 rows at D > 64, and the GEMM tiles). Indices and gradients as the
+    # reference's.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(n + d)
+        x0, c0 = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+        grads = {}
+        for backend in ("native", "reference"):
+            x, codebook = x0.clone().requires_grad_(), c0.clone().requires_grad_()
+            result = lgvq_kernels.nearest_code(x, codebook, backend=backend)
+            result.distances.sum().backward()
+            grads[backend] = (result.indices, x.grad, codebook.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads["native"][0], grads["reference"][0])
+    torch.testing.assert_close(grads["native"][1], grads["reference"][1])
+    torch.testing.assert_close(grads["native"][2], grads["reference"][2])
 
 
 def test_native_few_rows_ties_across_code_tiles():
