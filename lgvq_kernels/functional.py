@@ -49,10 +49,13 @@ def check_tensor(name: str, value, *, dims: int | None = None, min_dims: int | N
 
 
 def check_same_device(**tensors: Tensor | None) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    first_name, first = items[0]
-    for name, value in items[1:]:
-        if value.device != first.device:
+    first_name = first = None
+    for name, value in tensors.items():  # (no intermediate list: this runs on every call)
+        if value is None:
+            continue
+        if first is None:
+            first_name, first = name, value
+        elif value.device != first.device:
             raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}; "
                              "all tensors must be on one device")
 
@@ -156,9 +159,7 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2",
     check_tensor("codebook", codebook, dims=2)
     if codebook_sqnorm is not None:
         check_tensor("codebook_sqnorm", codebook_sqnorm, dims=1)
-        check_same_device(x=x, codebook=codebook, codebook_sqnorm=codebook_sqnorm)
-    elif codebook.device != x.device:
-        check_same_device(x=x, codebook=codebook)
+    check_same_device(x=x, codebook=codebook, codebook_sqnorm=codebook_sqnorm)
     check_choice("metric", metric, METRICS)
     check_choice("precision", precision, PRECISIONS)
     num_codes, dim = codebook.shape

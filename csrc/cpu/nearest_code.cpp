@@ -722,9 +722,8 @@ void remap_to_lowest_duplicate(const T* codes, const uint64_t* keys, int64_t k, 
   for (int64_t i = 0; i < n; ++i) chosen_keys.insert(keys[indices[i]]);
   // a few distinct keys are matched by a scan of a small array (1 x 16384 codes: ~4 us against
   // ~50 us of hash look-ups)
-  const std::vector<uint64_t> few(chosen_keys.size() <= kLinearKeyScan ? chosen_keys.begin()
-                                                                        : chosen_keys.end(),
-                                  chosen_keys.end());
+  std::vector<uint64_t> few;  // empty: the hash look-up
+  if (chosen_keys.size() <= kLinearKeyScan) few.assign(chosen_keys.begin(), chosen_keys.end());
   const auto is_chosen_key = [&](uint64_t key) {
     if (few.empty()) return chosen_keys.count(key) > 0;
     bool found = false;

@@ -453,22 +453,19 @@ void nearest_code_few_rows(const at::Tensor& x, const at::Tensor& codes, const T
     for (int64_t t; (t = next_block()) >= 0;) {
       const int64_t code0 = t * kFewRowsTileCodes;
       const int64_t count = std::min(kFewRowsTileCodes, k - code0);
+      const T* tile_codes = codes_ptr + code0 * dim;
+      const T* tile_given = given_a != nullptr ? given_a + code0 : nullptr;
+      T* tile_inv = inv_out != nullptr ? inv_out + code0 : nullptr;
       if (own_dots) {  // keys, |c|^2 (or 1/|c|) and x.c in one pass over the tile's codes
-        few_rows_tile(x_ptr, n, codes_ptr + code0 * dim, count, dim,
-                      given_a != nullptr ? given_a + code0 : nullptr, a_out + code0,
-                      inv_out != nullptr ? inv_out + code0 : nullptr, keys + code0,
-                      scratch.data());
+        few_rows_tile(x_ptr, n, tile_codes, count, dim, tile_given, a_out + code0, tile_inv,
+                      keys + code0, scratch.data());
       } else {
         // |c|^2 of the tile's codes (cosine: their inverse norms), eight codes side by side
-        tile_norms(codes_ptr + code0 * dim, count, dim,
-                   given_a != nullptr ? given_a + code0 : nullptr, a_out + code0,
-                   inv_out != nullptr ? inv_out + code0 : nullptr);
+        tile_norms(tile_codes, count, dim, tile_given, a_out + code0, tile_inv);
         for (int64_t c = code0; c < code0 + count; ++c) keys[c] = row_key(codes_ptr + c * dim, dim);
-      }
-      if (!own_dots) {
         at::Tensor out = at::from_blob(scratch.data(), {n, count}, options);
         if (inv_out != nullptr && !scale_scores) {  // the tile's unit codes, from cache
-          unit_rows(codes_ptr + code0 * dim, inv_out + code0, count, dim, unit.data());
+          unit_rows(tile_codes, tile_inv, count, dim, unit.data());
           at::mm_out(out, x, at::from_blob(unit.data(), {count, dim}, options).t());
         } else {
           at::mm_out(out, x, codes.narrow(0, code0, count).t());
